@@ -1,0 +1,227 @@
+//! RunPodSandbox: validate, reserve the pod's name, start its shim, have the shim build
+//! the sandbox, record it. Every step done is undone if a later one fails.
+
+use std::sync::Arc;
+
+use isola_proto::cri;
+use isola_proto::shim::CreateSandboxRequest;
+use prost::Message;
+use tracing::Span;
+
+use super::CriError;
+use crate::classes::ShimKind;
+use crate::ids::new_id;
+use crate::records::{sandbox_name, SandboxRecord, SandboxState};
+use crate::rollback::Rollback;
+use crate::runtime::{now_ns, Runtime};
+use crate::shim;
+
+/// How long a shim may take to build a sandbox (a VM boot included).
+const CREATE_SANDBOX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Checks what the CRI requires of a RunPodSandbox request, naming the bad field.
+pub fn validate(req: &cri::RunPodSandboxRequest) -> Result<&cri::PodSandboxConfig, CriError> {
+    let config = req
+        .config
+        .as_ref()
+        .ok_or_else(|| CriError::InvalidArgument("config is required".into()))?;
+    let md = config
+        .metadata
+        .as_ref()
+        .ok_or_else(|| CriError::InvalidArgument("config.metadata is required".into()))?;
+    for (field, value) in [
+        ("name", &md.name),
+        ("namespace", &md.namespace),
+        ("uid", &md.uid),
+    ] {
+        if value.is_empty() {
+            return Err(CriError::InvalidArgument(format!(
+                "config.metadata.{field} must not be empty"
+            )));
+        }
+    }
+    if md.attempt > u32::MAX / 2 {
+        return Err(CriError::InvalidArgument(
+            "config.metadata.attempt is out of range".into(),
+        ));
+    }
+    if let Some(linux) = &config.linux {
+        if !linux.cgroup_parent.is_empty()
+            && !linux.cgroup_parent.starts_with('/')
+            && !linux.cgroup_parent.ends_with(".slice")
+        {
+            return Err(CriError::InvalidArgument(format!(
+                "config.linux.cgroup_parent {:?} must be an absolute cgroupfs path or a systemd slice",
+                linux.cgroup_parent
+            )));
+        }
+    }
+    Ok(config)
+}
+
+/// Refuses what a VM cannot honour, rather than silently running without it.
+fn validate_for_vm(config: &cri::PodSandboxConfig) -> Result<(), CriError> {
+    let ns = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref());
+    if let Some(ns) = ns {
+        for (what, mode) in [("network", ns.network), ("pid", ns.pid), ("ipc", ns.ipc)] {
+            if mode == cri::NamespaceMode::Node as i32 {
+                return Err(CriError::InvalidArgument(format!(
+                    "config.linux.security_context.namespace_options.{what} is NODE (host {what}): a vm pod runs in its own kernel and cannot share the host's {what} namespace; use the native runtime class"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Runtime {
+    /// RunPodSandbox.
+    pub async fn run_pod_sandbox(
+        self: &Arc<Self>,
+        req: cri::RunPodSandboxRequest,
+    ) -> Result<cri::RunPodSandboxResponse, CriError> {
+        let config = validate(&req)?.clone();
+        let class = self.classes.resolve(&req.runtime_handler)?.clone();
+        if class.shim == ShimKind::Vm {
+            validate_for_vm(&config)?;
+        }
+        let md = config.metadata.clone().unwrap_or_default();
+        let id = new_id();
+        Span::current().record("id", id.as_str());
+        let name = sandbox_name(&md);
+        self.records.reserve_name(&name, &id).map_err(|holder| {
+            CriError::AlreadyExists(format!(
+                "pod sandbox {name} (name_namespace_uid_attempt) already exists with id {holder}"
+            ))
+        })?;
+        let mut undo = Rollback::new();
+        {
+            let rt = Arc::clone(self);
+            let (name, id) = (name.clone(), id.clone());
+            undo.push("release pod name", async move {
+                rt.records.release_name(&name, &id)
+            });
+        }
+        let _guard = self.lock_pod(&id).await;
+        match self.build_sandbox(&id, &config, &class, &mut undo).await {
+            Ok((record, client)) => {
+                let shim_record = record.shim.clone();
+                if let Err(e) = self.records.put_sandbox(record).await {
+                    undo.run().await;
+                    self.forget_pod(&id);
+                    return Err(e.into());
+                }
+                undo.commit();
+                if let Some(s) = shim_record {
+                    self.adopt_shim(&id, client, s);
+                }
+                self.emit_sandbox_event(&id, cri::ContainerEventType::ContainerCreatedEvent);
+                self.emit_sandbox_event(&id, cri::ContainerEventType::ContainerStartedEvent);
+                Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
+            }
+            Err(e) => {
+                undo.run().await;
+                self.forget_pod(&id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn build_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+        class: &crate::classes::RuntimeClass,
+        undo: &mut Rollback,
+    ) -> Result<(SandboxRecord, shim::Client), CriError> {
+        let state_dir = self.config.pod_state_dir(id);
+        let dir = state_dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir))
+            .await
+            .map_err(|e| CriError::Internal(format!("creating pod state dir: {e}")))?
+            .map_err(|e| {
+                CriError::Internal(format!(
+                    "creating pod state dir {}: {e}",
+                    state_dir.display()
+                ))
+            })?;
+        {
+            let dir = state_dir.clone();
+            undo.push("remove pod state dir", async move {
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+            });
+        }
+        let mut started = self.shims.spawn(class.shim, id, &state_dir).await?;
+        // Written before anything else depends on the shim, so that an agent crash before
+        // the record is committed leaves enough to find and kill this shim.
+        let ident = serde_json::to_vec(&started.record)
+            .map_err(|e| CriError::Internal(format!("encoding shim identity: {e}")))?;
+        std::fs::write(state_dir.join("shim.json"), ident)
+            .map_err(|e| CriError::Internal(format!("writing shim identity: {e}")))?;
+        {
+            let rec = started.record.clone();
+            let mut client = started.client.clone();
+            undo.push("stop shim", async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    client.shutdown(isola_proto::shim::ShutdownRequest { now: true }),
+                )
+                .await;
+                if tokio::time::timeout(std::time::Duration::from_secs(5), shim::wait_exit(&rec))
+                    .await
+                    .is_err()
+                {
+                    shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
+                    shim::wait_exit(&rec).await;
+                }
+            });
+        }
+        let cgroup_parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        let resp = tokio::time::timeout(
+            CREATE_SANDBOX_TIMEOUT,
+            started.client.create_sandbox(CreateSandboxRequest {
+                sandbox_id: id.to_owned(),
+                pod_config: config.encode_to_vec(),
+                netns_path: String::new(),
+                cgroup_parent,
+                runtime_handler: class.handler.clone(),
+                class_settings_json: class.settings_json(),
+                state_dir: state_dir.display().to_string(),
+            }),
+        )
+        .await
+        .map_err(|_| {
+            CriError::DeadlineExceeded(format!(
+                "the shim did not build the sandbox within {}s",
+                CREATE_SANDBOX_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|s| CriError::from(shim::ShimError::call("CreateSandbox", s)))?
+        .into_inner();
+        let mut info: std::collections::BTreeMap<String, String> = resp.info.into_iter().collect();
+        info.insert("pid".into(), resp.pid.to_string());
+        let record = SandboxRecord {
+            id: id.to_owned(),
+            config: config.clone(),
+            runtime_handler: class.handler.clone(),
+            shim_kind: class.shim,
+            state: SandboxState::Ready,
+            reason: String::new(),
+            created_at_ns: now_ns(),
+            shim: Some(started.record),
+            netns_path: String::new(),
+            ip: String::new(),
+            additional_ips: vec![],
+            info,
+        };
+        Ok((record, started.client))
+    }
+}

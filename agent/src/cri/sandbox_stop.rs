@@ -1,0 +1,148 @@
+//! StopPodSandbox: stop every container and the sandbox, let the shim go. Idempotent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use isola_proto::cri;
+use isola_proto::shim as sp;
+
+use super::CriError;
+use crate::records::{ContainerState, SandboxRecord, SandboxState};
+use crate::runtime::{now_ns, Runtime};
+use crate::shim;
+
+const STOP_SANDBOX_TIMEOUT: Duration = Duration::from_secs(60);
+const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Runtime {
+    /// StopPodSandbox.
+    pub async fn stop_pod_sandbox(
+        self: &Arc<Self>,
+        req: cri::StopPodSandboxRequest,
+    ) -> Result<cri::StopPodSandboxResponse, CriError> {
+        let found = self.find_sandbox(&req.pod_sandbox_id)?;
+        let _guard = self.lock_pod(&found.id).await;
+        let Some(mut sb) = self.records.sandbox(&found.id) else {
+            // Removed while we waited for the lock: nothing left to stop.
+            return Ok(cri::StopPodSandboxResponse {});
+        };
+        self.stop_sandbox_locked(&mut sb).await?;
+        Ok(cri::StopPodSandboxResponse {})
+    }
+
+    /// Stops a sandbox whose pod lock the caller holds.
+    pub(crate) async fn stop_sandbox_locked(&self, sb: &mut SandboxRecord) -> Result<(), CriError> {
+        if sb.state == SandboxState::NotReady && sb.shim.is_none() {
+            return Ok(());
+        }
+        let mut finals: std::collections::HashMap<String, sp::ContainerStatus> = Default::default();
+        if let Some(rec) = sb.shim.clone() {
+            match self.client(&sb.id) {
+                Some(mut client) if shim::record_alive(&rec) => {
+                    let stopped = tokio::time::timeout(
+                        STOP_SANDBOX_TIMEOUT,
+                        client.stop_sandbox(sp::StopSandboxRequest {
+                            sandbox_id: sb.id.clone(),
+                            timeout_seconds: 0,
+                        }),
+                    )
+                    .await;
+                    match stopped {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(status)) if shim::record_alive(&rec) => {
+                            return Err(CriError::Internal(format!(
+                                "stopping pod sandbox {}: shim StopSandbox: {}",
+                                sb.id,
+                                status.message()
+                            )));
+                        }
+                        Ok(Err(_)) => {}
+                        Err(_) => {
+                            return Err(CriError::DeadlineExceeded(format!(
+                                "stopping pod sandbox {}: the shim did not stop it within {}s",
+                                sb.id,
+                                STOP_SANDBOX_TIMEOUT.as_secs()
+                            )))
+                        }
+                    }
+                    for c in self.records.containers_of(&sb.id) {
+                        if matches!(c.state, ContainerState::Created | ContainerState::Running) {
+                            if let Ok(Ok(resp)) = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                client.container_state(sp::ContainerStateRequest {
+                                    container_id: c.id.clone(),
+                                }),
+                            )
+                            .await
+                            {
+                                if let Some(st) = resp.into_inner().status {
+                                    finals.insert(c.id.clone(), st);
+                                }
+                            }
+                        }
+                    }
+                    let _ = tokio::time::timeout(
+                        SHIM_EXIT_TIMEOUT,
+                        client.shutdown(sp::ShutdownRequest { now: false }),
+                    )
+                    .await;
+                    if tokio::time::timeout(SHIM_EXIT_TIMEOUT, shim::wait_exit(&rec))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            pid = rec.pid,
+                            "shim did not exit after Shutdown: killing it"
+                        );
+                        shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+                _ => shim::kill(&rec, nix::sys::signal::Signal::SIGKILL),
+            }
+            self.release_shim(&sb.id);
+        }
+        let now = now_ns();
+        let mut changed = Vec::new();
+        for mut c in self.records.containers_of(&sb.id) {
+            if !matches!(c.state, ContainerState::Created | ContainerState::Running) {
+                continue;
+            }
+            match finals.get(&c.id) {
+                Some(st) if st.state == sp::ContainerState::Exited as i32 => {
+                    c.exit_code = st.exit_code;
+                    c.reason = st.reason.clone();
+                    c.message = st.message.clone();
+                    c.finished_at_ns = if st.finished_at_ns > 0 {
+                        st.finished_at_ns
+                    } else {
+                        now
+                    };
+                }
+                _ => {
+                    c.exit_code = 137;
+                    c.reason = "Error".into();
+                    c.message = "killed when its pod sandbox was stopped".into();
+                    c.finished_at_ns = now;
+                }
+            }
+            c.state = ContainerState::Exited;
+            changed.push(c);
+        }
+        let was_ready = sb.state == SandboxState::Ready;
+        sb.state = SandboxState::NotReady;
+        sb.shim = None;
+        if sb.reason.is_empty() {
+            sb.reason = "Stopped".into();
+        }
+        self.records
+            .put_many(vec![sb.clone()], changed.clone())
+            .await?;
+        for c in &changed {
+            self.emit_container_event(&c.id, cri::ContainerEventType::ContainerStoppedEvent);
+        }
+        if was_ready {
+            self.emit_sandbox_event(&sb.id, cri::ContainerEventType::ContainerStoppedEvent);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,283 @@
+//! The agent's core state: configuration, runtime classes, records, the shims of live
+//! pods, and the container event feed. The CRI handlers (`cri::*`) work on it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use isola_proto::cri;
+use tokio::sync::{broadcast, watch, OwnedMutexGuard};
+use tracing::{info, warn, Instrument};
+
+use crate::classes::RuntimeClasses;
+use crate::config::Config;
+use crate::records::{ContainerState, Records, SandboxRecord, SandboxState, ShimRecord};
+use crate::shim::{self, Client, ShimManager};
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+/// Reason recorded when a pod's shim dies without being asked to.
+pub const REASON_SHIM_EXITED: &str = "ShimExited";
+
+/// The agent's state shared by every CRI call.
+pub struct Runtime {
+    /// The configuration in force.
+    pub config: Config,
+    /// Runtime classes.
+    pub classes: RuntimeClasses,
+    /// Pod and container records.
+    pub records: Records,
+    /// Starts shims.
+    pub shims: ShimManager,
+    /// Container (and sandbox) lifecycle events for GetContainerEvents.
+    pub events: broadcast::Sender<cri::ContainerEventResponse>,
+    /// Turns true when the agent shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    clients: Mutex<HashMap<String, Client>>,
+    pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Runtime {
+    /// A runtime over loaded records.
+    pub fn new(
+        config: Config,
+        classes: RuntimeClasses,
+        records: Records,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Runtime> {
+        let shims = ShimManager::new(
+            &config.shim_dir,
+            Duration::from_secs(config.shim_start_timeout_seconds),
+            config.log_format,
+        );
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Runtime {
+            config,
+            classes,
+            records,
+            shims,
+            events,
+            shutdown,
+            clients: Mutex::new(HashMap::new()),
+            pod_locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Serialises the mutating calls on one pod (its containers included).
+    pub async fn lock_pod(&self, sandbox_id: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.pod_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks
+                .entry(sandbox_id.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+                .clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// Forgets a removed pod's lock.
+    pub fn forget_pod(&self, sandbox_id: &str) {
+        self.pod_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox_id);
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox_id);
+    }
+
+    /// The client of a pod's live shim.
+    pub fn client(&self, sandbox_id: &str) -> Option<Client> {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sandbox_id)
+            .cloned()
+    }
+
+    /// Registers a live shim and starts watching its process.
+    pub fn adopt_shim(self: &Arc<Self>, sandbox_id: &str, client: Client, record: ShimRecord) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sandbox_id.to_owned(), client);
+        let rt = Arc::clone(self);
+        let id = sandbox_id.to_owned();
+        let span = tracing::info_span!("shim_watch", pod = %id, shim_pid = record.pid);
+        tokio::spawn(
+            async move {
+                shim::wait_exit(&record).await;
+                rt.on_shim_exit(&id, &record).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Drops a shim's client (it was shut down on purpose).
+    pub fn release_shim(&self, sandbox_id: &str) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox_id);
+    }
+
+    /// A shim process ended. If the pod still counts on it, the pod turns NOTREADY and
+    /// its containers EXITED (never started) or UNKNOWN (were running), with a reason.
+    async fn on_shim_exit(self: &Arc<Self>, sandbox_id: &str, record: &ShimRecord) {
+        let _guard = self.lock_pod(sandbox_id).await;
+        let Some(mut sb) = self.records.sandbox(sandbox_id) else {
+            return;
+        };
+        if sb.shim.as_ref() != Some(record) {
+            // Shut down on purpose (the record no longer names it) or replaced.
+            return;
+        }
+        warn!(pid = record.pid, "shim exited unexpectedly");
+        self.release_shim(sandbox_id);
+        if let Err(e) = self.mark_shim_dead(&mut sb).await {
+            warn!(error = %e, "recording the shim's death");
+        }
+    }
+
+    /// Records that a pod's shim is gone.
+    async fn mark_shim_dead(
+        &self,
+        sb: &mut SandboxRecord,
+    ) -> Result<(), crate::records::RecordError> {
+        let pid = sb.shim.as_ref().map(|s| s.pid).unwrap_or(0);
+        let now = now_ns();
+        let was_ready = sb.state == SandboxState::Ready;
+        sb.state = SandboxState::NotReady;
+        sb.reason = format!("{REASON_SHIM_EXITED}: shim process {pid} exited unexpectedly");
+        sb.shim = None;
+        let mut changed = Vec::new();
+        for mut c in self.records.containers_of(&sb.id) {
+            match c.state {
+                ContainerState::Created => {
+                    c.state = ContainerState::Exited;
+                    c.finished_at_ns = now;
+                    c.exit_code = 255;
+                }
+                ContainerState::Running => c.state = ContainerState::Unknown,
+                ContainerState::Exited | ContainerState::Unknown => continue,
+            }
+            c.reason = REASON_SHIM_EXITED.into();
+            c.message = format!("the pod's shim (pid {pid}) exited unexpectedly");
+            changed.push(c);
+        }
+        self.records
+            .put_many(vec![sb.clone()], changed.clone())
+            .await?;
+        for c in &changed {
+            self.emit_container_event(
+                c.id.as_str(),
+                cri::ContainerEventType::ContainerStoppedEvent,
+            );
+        }
+        if was_ready {
+            self.emit_sandbox_event(&sb.id, cri::ContainerEventType::ContainerStoppedEvent);
+        }
+        Ok(())
+    }
+
+    /// After an agent restart: reconnect to every recorded shim; pods whose shim died
+    /// meanwhile turn NOTREADY; shims and state directories with no record (a crash
+    /// between starting a shim and recording the pod) are cleaned up.
+    pub async fn recover(self: &Arc<Self>) {
+        let mut known = std::collections::HashSet::new();
+        for mut sb in self.records.sandboxes() {
+            known.insert(sb.id.clone());
+            let Some(rec) = sb.shim.clone() else { continue };
+            match shim::connect(&rec).await {
+                Ok(s) => {
+                    info!(pod = %sb.id, pid = rec.pid, "reconnected to shim");
+                    self.adopt_shim(&sb.id, s.client, rec);
+                }
+                Err(e) => {
+                    warn!(pod = %sb.id, error = %e, "shim lost while the agent was down");
+                    if shim::record_alive(&rec) {
+                        // Alive but not answering: it cannot be trusted with the pod.
+                        shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    if let Err(e) = self.mark_shim_dead(&mut sb).await {
+                        warn!(pod = %sb.id, error = %e, "recording the shim's death");
+                    }
+                }
+            }
+        }
+        let pods_dir = self.config.state.join("pods");
+        let Ok(entries) = std::fs::read_dir(&pods_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            warn!(pod = %name, "cleaning up the leftovers of a pod that was never recorded");
+            cleanup_orphan(&entry.path());
+        }
+    }
+}
+
+/// Kills the shim recorded in an unrecorded pod's state directory and removes it.
+fn cleanup_orphan(dir: &Path) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("shim.json")) {
+        if let Ok(rec) = serde_json::from_str::<ShimRecord>(&text) {
+            shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        warn!(dir = %dir.display(), error = %e, "removing orphaned pod state");
+    }
+}
+
+impl Runtime {
+    /// Publishes a sandbox lifecycle event (CRI events carry the sandbox id as the
+    /// container id for these, as containerd does).
+    pub fn emit_sandbox_event(&self, sandbox_id: &str, kind: cri::ContainerEventType) {
+        let status = self
+            .records
+            .sandbox(sandbox_id)
+            .map(|sb| crate::cri::sandbox_status::to_status(&sb));
+        let containers = self
+            .records
+            .containers_of(sandbox_id)
+            .iter()
+            .map(crate::cri::container_status::to_status)
+            .collect();
+        let _ = self.events.send(cri::ContainerEventResponse {
+            container_id: sandbox_id.to_owned(),
+            container_event_type: kind as i32,
+            created_at: now_ns(),
+            pod_sandbox_status: status,
+            containers_statuses: containers,
+        });
+    }
+
+    /// Publishes a container lifecycle event.
+    pub fn emit_container_event(&self, container_id: &str, kind: cri::ContainerEventType) {
+        let Some(c) = self.records.container(container_id) else {
+            return;
+        };
+        let status = self
+            .records
+            .sandbox(&c.sandbox_id)
+            .map(|sb| crate::cri::sandbox_status::to_status(&sb));
+        let _ = self.events.send(cri::ContainerEventResponse {
+            container_id: container_id.to_owned(),
+            container_event_type: kind as i32,
+            created_at: now_ns(),
+            pod_sandbox_status: status,
+            containers_statuses: vec![crate::cri::container_status::to_status(&c)],
+        });
+    }
+}
