@@ -13,6 +13,7 @@ use isola_proto::cri::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod registry;
 
 /// A CRI runtime client.
 pub type Runtime = RuntimeServiceClient<Channel>;
