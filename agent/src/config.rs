@@ -233,6 +233,15 @@ mod tests {
     }
 
     #[test]
+    fn deploy_config_is_the_default_config() {
+        assert_eq!(
+            include_str!("../../deploy/config.toml"),
+            DEFAULT_CONFIG_TOML,
+            "regenerate deploy/config.toml with `isolad config default`"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_relative_paths_are_refused() {
         assert!(matches!(
             Config::parse("rooot = \"/x\""),

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test of isola on a fresh Debian 12 machine, as root: installs what the tests
+# need (apt packages, guest kernel and initramfs, virtiofsd), checks formatting and lints,
+# builds, and runs the unit and end-to-end tests (real socket, real registry, real
+# namespaces, real guests).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+export PATH="$HOME/.cargo/bin:$PATH"
+log() { echo "test: $*" >&2; }
+[[ $(id -u) == 0 ]] || { log "the tests need root (namespaces, mounts, cgroups, TAP devices)"; exit 1; }
+start=$(date +%s)
+
+"$repo/deploy/deps.sh" test
+
+if [[ -x "$repo/deploy/guest/build-assets.sh" ]]; then
+    export ISOLA_GUEST_DIR="${ISOLA_GUEST_DIR:-/usr/share/isola/guest}"
+    log "guest assets into $ISOLA_GUEST_DIR ($(($(date +%s) - start))s)"
+    "$repo/deploy/guest/build-assets.sh" "$ISOLA_GUEST_DIR"
+    export ISOLA_GUEST_KERNEL="$ISOLA_GUEST_DIR/vmlinux"
+    export ISOLA_GUEST_INITRAMFS="$ISOLA_GUEST_DIR/initramfs.cpio"
+fi
+
+log "fmt + clippy ($(($(date +%s) - start))s)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+log "build ($(($(date +%s) - start))s)"
+cargo build --workspace --bins --quiet
+
+log "tests ($(($(date +%s) - start))s)"
+cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/isola-test.log
+status=${PIPESTATUS[0]}
+log "done in $(($(date +%s) - start))s"
+exit "$status"
