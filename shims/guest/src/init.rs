@@ -1,0 +1,218 @@
+//! PID 1 start-up: kernel filesystems, cgroups, loopback, then the agent loop.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::path::Path;
+
+use crate::clock::{self, Stamp};
+use crate::server::{BootInfo, Server};
+
+/// Errors of the start-up steps.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// mount(2) failed.
+    #[error("mount {fstype} on {target}: {source}")]
+    Mount {
+        /// Filesystem type.
+        fstype: String,
+        /// Mount point.
+        target: String,
+        /// The errno.
+        source: std::io::Error,
+    },
+    /// A path or option held a NUL byte.
+    #[error("invalid string for a syscall: {0}")]
+    Nul(#[from] std::ffi::NulError),
+    /// Creating a directory failed.
+    #[error("mkdir {0}: {1}")]
+    Mkdir(String, std::io::Error),
+}
+
+/// Which cgroup layout to mount, from `isola.cgroups=` on the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupMode {
+    /// cgroup2 at /sys/fs/cgroup (the default).
+    Unified,
+    /// One v1 hierarchy per controller under a tmpfs at /sys/fs/cgroup.
+    Legacy,
+}
+
+/// mount(2) with a created target directory.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), InitError> {
+    std::fs::create_dir_all(target).map_err(|e| InitError::Mkdir(target.into(), e))?;
+    let c_source = CString::new(source)?;
+    let c_target = CString::new(target)?;
+    let c_fstype = CString::new(fstype)?;
+    let c_data = CString::new(data)?;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            c_source.as_ptr(),
+            c_target.as_ptr(),
+            c_fstype.as_ptr(),
+            flags,
+            c_data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(InitError::Mount {
+            fstype: fstype.into(),
+            target: target.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Mounts proc, sys, dev (devtmpfs), devpts, /dev/shm, /run, /tmp and the cgroups, in the
+/// layout `isola.cgroups=v1|v2` on the kernel command line asks for (v2 by default).
+pub fn mount_basics() -> Result<CgroupMode, InitError> {
+    let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nodev, "")?;
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cgroups = match cmdline_value(&cmdline, "isola.cgroups").as_deref() {
+        Some("v1") => CgroupMode::Legacy,
+        _ => CgroupMode::Unified,
+    };
+    mount("sysfs", "/sys", "sysfs", nodev, "")?;
+    // devtmpfs may already be there if the kernel mounted it (DEVTMPFS_MOUNT with a disk root).
+    if !Path::new("/dev/null").exists() {
+        mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    }
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )?;
+    mount("shm", "/dev/shm", "tmpfs", nodev, "mode=1777")?;
+    mount(
+        "run",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
+    mount(
+        "tmp",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    match cgroups {
+        CgroupMode::Unified => mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, "")?,
+        CgroupMode::Legacy => {
+            mount("cgroup", "/sys/fs/cgroup", "tmpfs", nodev, "mode=0755")?;
+            for controller in enabled_v1_controllers() {
+                let target = format!("/sys/fs/cgroup/{controller}");
+                mount("cgroup", &target, "cgroup", nodev, &controller)?;
+            }
+        }
+    }
+    Ok(cgroups)
+}
+
+/// Controllers the kernel has, from /proc/cgroups.
+fn enabled_v1_controllers() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/cgroups").unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            (fields.len() == 4 && fields[3] == "1").then(|| fields[0].to_string())
+        })
+        .collect()
+}
+
+/// The value of `key=` on the kernel command line.
+pub fn cmdline_value(cmdline: &str, key: &str) -> Option<String> {
+    cmdline.split_whitespace().find_map(|word| {
+        word.strip_prefix(key)
+            .and_then(|rest| rest.strip_prefix('='))
+            .map(str::to_string)
+    })
+}
+
+/// Writes one short line to the console (every byte is a VM exit on a serial port).
+fn console(msg: &str) {
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "isola-guest: {msg}");
+}
+
+/// Ends the guest: sync and reset. Without ACPI the kernel cannot power off (it would
+/// only halt); booted with `reboot=t` a reset is a triple fault, and the VMM runs with
+/// "no reboot", so the reset ends the VM.
+pub fn power_off() -> ! {
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // reboot failed (we are not PID 1 with CAP_SYS_BOOT): nothing left to do but exit.
+    std::process::exit(1)
+}
+
+/// The entry point of /init: never returns.
+pub fn run() -> ! {
+    let start = Stamp::now();
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        console(concat!("start ", env!("CARGO_PKG_VERSION")));
+        if let Err(e) = mount_basics() {
+            console(&format!("{e}"));
+        }
+        for failure in crate::modules::load_listed() {
+            console(&format!("module {failure}"));
+        }
+        if let Err(e) = crate::net::set_up("lo") {
+            console(&format!("lo: {e}"));
+        }
+    }
+    let uptime_ms = clock::uptime_ms();
+    let port = match crate::port::open_agent_port(std::time::Duration::from_secs(10)) {
+        Ok(p) => p,
+        Err(e) => {
+            console(&format!("agent port: {e}"));
+            if pid1 {
+                power_off();
+            }
+            std::process::exit(1);
+        }
+    };
+    let ready = Stamp::now();
+    let boot = BootInfo {
+        start,
+        ready,
+        uptime_ms,
+    };
+    let shutdown = Server::new(boot).serve(port);
+    if let Err(e) = shutdown {
+        console(&format!("agent: {e}"));
+    }
+    if pid1 {
+        power_off();
+    }
+    std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cmdline_values() {
+        let c = "console=ttyS0 quiet isola.cgroups=v1 panic=-1";
+        assert_eq!(cmdline_value(c, "isola.cgroups").as_deref(), Some("v1"));
+        assert_eq!(cmdline_value(c, "panic").as_deref(), Some("-1"));
+        assert_eq!(cmdline_value(c, "quiet"), None);
+        assert_eq!(cmdline_value(c, "isola"), None);
+    }
+}

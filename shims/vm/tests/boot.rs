@@ -1,0 +1,157 @@
+//! Boot to the agent's hello, clean poweroff, panics and missing assets.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use isola_vm::{Hypervisor, VmError};
+
+#[test]
+fn boots_to_agent_hello_and_powers_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = vm("hello", dir.path(), |c| {
+        c.vcpus = 2;
+        c.memory_mib = 256;
+    });
+    let start = Instant::now();
+    vm.start().expect("start");
+    let mut agent = vm.agent().unwrap();
+    agent.set_timeout(BOOT_TIMEOUT);
+    let hello = agent.hello().expect("hello");
+    eprintln!("hello after {:?}: {hello:?}", start.elapsed());
+    assert!(
+        hello.kernel_release.starts_with("6.1"),
+        "{}",
+        hello.kernel_release
+    );
+    assert_eq!(hello.cpus, 2);
+    let mem = hello.memory_total_bytes;
+    assert!((150 << 20..=256 << 20).contains(&mem), "MemTotal {mem}");
+    let boot = hello.boot.expect("boot times");
+    assert!(boot.init_start_boottime_ns > 0);
+    assert!(boot.channel_ready_boottime_ns >= boot.init_start_boottime_ns);
+    assert!(boot.hello_boottime_ns >= boot.channel_ready_boottime_ns);
+    // The guest's cgroup2 and proc are mounted.
+    let controllers = agent
+        .read_file("/sys/fs/cgroup/cgroup.controllers")
+        .expect("cgroup2");
+    assert!(String::from_utf8_lossy(&controllers).contains("memory"));
+    let console = std::fs::read_to_string(vm.console_log_path()).unwrap();
+    assert!(
+        console.lines().count() < 20,
+        "serial output stays short:\n{console}"
+    );
+    shutdown_cleanly(&mut vm, &dir.path().join("run"));
+}
+
+#[test]
+fn cgroup_v1_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = vm("cgv1", dir.path(), |c| {
+        c.extra_cmdline = "isola.cgroups=v1".into()
+    });
+    vm.start().expect("start");
+    let mut agent = vm.agent().unwrap();
+    agent.hello().expect("hello");
+    let limit = agent
+        .read_file("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        .expect("v1 memory hierarchy");
+    assert!(!limit.is_empty());
+    shutdown_cleanly(&mut vm, &dir.path().join("run"));
+}
+
+#[test]
+fn panic_at_boot_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = vm("panic-boot", dir.path(), |c| {
+        c.extra_cmdline = "rdinit=/nonexistent".into()
+    });
+    let result = vm.start().and_then(|()| {
+        let pids = vm.pids();
+        let r = vm.wait(Some(BOOT_TIMEOUT));
+        assert_gone(&pids);
+        r
+    });
+    match result {
+        Err(VmError::GuestPanic { line, .. }) => {
+            // No /init in the initramfs: the kernel falls back to a root disk there is none of.
+            assert!(
+                line.starts_with("Kernel panic - not syncing: VFS"),
+                "{line}"
+            );
+        }
+        other => panic!("expected a guest panic, got {other:?}"),
+    }
+    assert_no_sockets(&dir.path().join("run"));
+}
+
+#[test]
+fn panic_at_run_time_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = vm("panic-run", dir.path(), |_| {});
+    vm.start().expect("start");
+    let pids = vm.pids();
+    let mut agent = vm.agent().unwrap();
+    agent.hello().expect("hello");
+    agent.set_timeout(Duration::from_secs(2));
+    // The write never answers: the kernel crashes inside it.
+    let _ = agent.write_file("/proc/sysrq-trigger", b"c");
+    let err = vm
+        .wait(Some(BOOT_TIMEOUT))
+        .expect_err("a panic is an error");
+    let msg = err.to_string();
+    assert!(matches!(err, VmError::GuestPanic { .. }), "{msg}");
+    assert!(
+        msg.contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "{msg}"
+    );
+    assert_gone(&pids);
+    assert_no_sockets(&dir.path().join("run"));
+}
+
+#[test]
+fn missing_kernel_or_initramfs_fails_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope");
+    for which in ["kernel", "initramfs"] {
+        let mut vm = vm(which, dir.path(), |c| {
+            if which == "kernel" {
+                c.kernel = missing.clone();
+            } else {
+                c.initramfs = missing.clone();
+            }
+        });
+        let err = vm.start().expect_err("must fail");
+        assert!(
+            matches!(&err, VmError::MissingAsset { what, path } if *what == which && *path == missing),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("guest {which} not found")) && msg.contains("build-assets.sh"),
+            "{msg}"
+        );
+        assert!(vm.pids().is_empty(), "nothing may run");
+        assert!(!dir.path().join("run").exists(), "nothing may be created");
+    }
+}
+
+#[test]
+fn builtin_vmm_is_refused_clearly() {
+    let (kernel, initramfs) = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let sel = isola_vm::select(
+        isola_vm::HypervisorChoice::Qemu,
+        isola_vm::select::HostVirt::detect(),
+    )
+    .unwrap();
+    eprintln!("selection here: {} ({})", sel.backend, sel.reason);
+    let err = isola_vm::select(
+        isola_vm::HypervisorChoice::Builtin,
+        isola_vm::select::HostVirt::detect(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("builtin VMM not available yet"));
+    let _ = (kernel, initramfs, dir);
+}
