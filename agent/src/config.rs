@@ -78,6 +78,8 @@ pub struct Config {
     pub shim_start_timeout_seconds: u64,
     /// Seconds in-flight CRI calls get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_seconds: u64,
+    /// Registries: mirrors and plain-HTTP registries (`isola_images::RegistryConfig`).
+    pub registry: isola_images::RegistryConfig,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             cgroup_driver: CgroupDriver::Cgroupfs,
             shim_start_timeout_seconds: 10,
             shutdown_grace_seconds: 10,
+            registry: isola_images::RegistryConfig::default(),
         }
     }
 }
@@ -140,6 +143,13 @@ shim_start_timeout_seconds = 10
 
 # Seconds in-flight CRI calls get to finish after SIGTERM/SIGINT.
 shutdown_grace_seconds = 10
+
+# Registries. `mirrors`: per registry host, mirror hosts tried in order before the
+# registry itself, e.g. { "docker.io" = ["mirror.example:5000"] }. `insecure_registries`:
+# hosts (host or host:port, mirrors included) spoken to over plain HTTP; none by default.
+# `max_concurrent_downloads`: blobs one pull fetches at once (0: 3). In a file of your
+# own you may write this as a [registry] table instead.
+registry = { mirrors = {}, insecure_registries = [], max_concurrent_downloads = 0 }
 "#;
 
 impl Config {
@@ -192,6 +202,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Where the image store lives.
+    pub fn images_root(&self) -> PathBuf {
+        self.root.join("images")
     }
 
     /// Where the records database lives.

@@ -34,6 +34,8 @@ pub struct Runtime {
     pub classes: RuntimeClasses,
     /// Pod and container records.
     pub records: Records,
+    /// Images and containers' root file system snapshots (`<root>/images`).
+    pub images: isola_images::ImageStore,
     /// Starts shims.
     pub shims: ShimManager,
     /// Container (and sandbox) lifecycle events for GetContainerEvents.
@@ -50,6 +52,7 @@ impl Runtime {
         config: Config,
         classes: RuntimeClasses,
         records: Records,
+        images: isola_images::ImageStore,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Runtime> {
         let shims = ShimManager::new(
@@ -62,6 +65,7 @@ impl Runtime {
             config,
             classes,
             records,
+            images,
             shims,
             events,
             shutdown,

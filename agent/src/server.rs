@@ -81,8 +81,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let classes =
         RuntimeClasses::load(&config.runtime_classes_dir, &config.default_runtime_handler)
             .context("loading runtime classes")?;
+    let images_root = config.images_root();
+    let registry = config.registry.clone();
+    let images = tokio::task::spawn_blocking(move || {
+        isola_images::ImageStore::open(&images_root, registry)
+            .with_context(|| format!("opening the image store {}", images_root.display()))
+    })
+    .await
+    .context("opening the image store")??;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let rt = Runtime::new(config.clone(), classes, records, shutdown_rx.clone());
+    let rt = Runtime::new(
+        config.clone(),
+        classes,
+        records,
+        images,
+        shutdown_rx.clone(),
+    );
     rt.recover().await;
 
     let listener = bind_socket(&config).await?;

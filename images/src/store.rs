@@ -178,14 +178,26 @@ impl ImageStore {
             });
         }
         let chain_ids = chain_ids(&diff_ids);
-        let jobs = res
+        // Owned inputs: a closure over borrowed items makes the future not `Send` (a
+        // higher-ranked lifetime rustc cannot prove), and tonic needs `Send`.
+        let inputs: Vec<(Descriptor, String, String)> = res
             .layers
             .iter()
-            .zip(diff_ids.iter())
-            .zip(chain_ids.iter())
-            .map(|((desc, diff_id), chain_id)| {
-                self.ensure_layer(fetcher, desc, diff_id, chain_id, gc.clone())
-            });
+            .cloned()
+            .zip(diff_ids.iter().cloned())
+            .zip(chain_ids.iter().cloned())
+            .map(|((d, diff), chain)| (d, diff, chain))
+            .collect();
+        let jobs: Vec<_> = inputs
+            .into_iter()
+            .map(|(desc, diff_id, chain_id)| {
+                let gc = gc.clone();
+                async move {
+                    self.ensure_layer(fetcher, &desc, &diff_id, &chain_id, gc)
+                        .await
+                }
+            })
+            .collect();
         // Every job runs to its end before an error is returned, so that a failed pull
         // leaves no work behind it.
         let results: Vec<Result<()>> = futures::stream::iter(jobs)
@@ -761,6 +773,20 @@ mod tests {
         assert_eq!(f("busybox:1.36"), None);
         assert_eq!(f(""), None);
         assert_eq!(f("nothere"), None);
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: &T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path(), RegistryConfig::default()).unwrap();
+        send(&store.pull("busybox", None));
+        send(&store.remove("busybox"));
+        send(&store.prepare("c", "busybox"));
+        send(&store.remove_snapshot("c"));
+        send(&store.gc());
+        send(&store.fs_info());
+        send(&store.snapshot_usage("c"));
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub enum CriError {
     /// The object is in the wrong state for the call.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// Credentials are missing or refused (a registry's answer).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Access is denied (a registry's answer).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A capability that is not built (yet); the message says which.
     #[error("{0}")]
     Unimplemented(String),
@@ -58,6 +64,8 @@ impl CriError {
             CriError::InvalidArgument(_) => Code::InvalidArgument,
             CriError::AlreadyExists(_) => Code::AlreadyExists,
             CriError::FailedPrecondition(_) => Code::FailedPrecondition,
+            CriError::Unauthenticated(_) => Code::Unauthenticated,
+            CriError::PermissionDenied(_) => Code::PermissionDenied,
             CriError::Unimplemented(_) => Code::Unimplemented,
             CriError::Unavailable(_) => Code::Unavailable,
             CriError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -75,6 +83,8 @@ impl CriError {
             CriError::InvalidArgument(_) => CriError::InvalidArgument(msg),
             CriError::AlreadyExists(_) => CriError::AlreadyExists(msg),
             CriError::FailedPrecondition(_) => CriError::FailedPrecondition(msg),
+            CriError::Unauthenticated(_) => CriError::Unauthenticated(msg),
+            CriError::PermissionDenied(_) => CriError::PermissionDenied(msg),
             CriError::Unimplemented(_) => CriError::Unimplemented(msg),
             CriError::Unavailable(_) => CriError::Unavailable(msg),
             CriError::DeadlineExceeded(_) => CriError::DeadlineExceeded(msg),
@@ -86,6 +96,30 @@ impl CriError {
 impl From<CriError> for Status {
     fn from(e: CriError) -> Status {
         Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<isola_images::Error> for CriError {
+    fn from(e: isola_images::Error) -> CriError {
+        use isola_images::Error as E;
+        let msg = e.to_string();
+        match e {
+            E::InvalidReference(_) | E::InvalidArgument(_) | E::UnsafeLayer { .. } => {
+                CriError::InvalidArgument(msg)
+            }
+            E::BadLayer { .. } | E::Unsupported { .. } | E::Verification { .. } => {
+                CriError::FailedPrecondition(msg)
+            }
+            E::NotFound(what) => CriError::NotFound {
+                kind: "image",
+                id: what,
+            },
+            E::AlreadyExists(_) => CriError::AlreadyExists(msg),
+            E::Unauthenticated { .. } => CriError::Unauthenticated(msg),
+            E::PermissionDenied { .. } => CriError::PermissionDenied(msg),
+            E::Unavailable { .. } => CriError::Unavailable(msg),
+            _ => CriError::Internal(msg),
+        }
     }
 }
 
