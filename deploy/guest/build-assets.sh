@@ -3,7 +3,8 @@
 #   vmlinux, bzImage     the guest kernel (build-kernel.sh, cached by its inputs)
 #   isola-guest          the static guest agent (PID 1)
 #   initramfs.cpio       cpio newc with isola-guest as /init (written by isola-vm-initramfs)
-# and makes sure virtiofsd is installed (cargo install virtiofsd --locked).
+# and makes sure QEMU (apt: qemu-system-x86) and virtiofsd (cargo install virtiofsd
+# --locked) are installed.
 #
 # Usage: build-assets.sh [OUTPUT_DIR]        (default /usr/share/isola/guest)
 # Env:   CARGO_TARGET_DIR   cargo's target dir (default <repo>/target)
@@ -18,6 +19,13 @@ target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 triple=x86_64-unknown-linux-gnu
 log() { echo "build-assets: $*" >&2; }
 mkdir -p "$out"
+
+# QEMU runs VM pods where isola's own VMM cannot (no vmx/svm), and the tests use it.
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    log "installing qemu-system-x86"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null ||
+        { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null; }
+fi
 
 if [[ "${ISOLA_SKIP_KERNEL:-0}" != 1 ]]; then
     "$here/build-kernel.sh" "$out"

@@ -337,8 +337,7 @@ impl QemuVm {
                 match child.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
                     Ok(None) if Instant::now() >= deadline => {
-                        let _ = child.kill();
-                        let _ = child.wait();
+                        crate::virtiofsd::kill(&mut child);
                         break;
                     }
                     Ok(None) => std::thread::sleep(Duration::from_millis(5)),
@@ -360,11 +359,8 @@ impl QemuVm {
                 self.exit = Some(VmExit { status });
             }
         }
-        for h in &mut self.helpers {
-            let _ = h.kill();
-        }
         for mut h in self.helpers.drain(..) {
-            let _ = h.wait();
+            crate::virtiofsd::kill(&mut h);
         }
         self.qmp = None;
         self.agent_stream = None;

@@ -1,6 +1,7 @@
 //! virtiofsd, the vhost-user virtio-fs daemon: one per shared directory per VM (it
 //! exits when its VMM disconnects).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -60,6 +61,8 @@ pub fn spawn(
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_err)
+        // virtiofsd forks its sandboxed worker: a group of its own lets us kill both.
+        .process_group(0)
         .spawn()
         .map_err(|e| VmError::io(format!("spawn {}", binary.display()), e))?;
     let start = Instant::now();
@@ -71,8 +74,7 @@ pub fn spawn(
             });
         }
         if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill(&mut child);
             return Err(VmError::Helper {
                 what: "virtiofsd",
                 detail: format!("no socket {} after 10 s", socket.display()),
@@ -81,4 +83,15 @@ pub fn spawn(
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(child)
+}
+
+/// Kills virtiofsd and its sandboxed worker (its whole process group) and reaps it.
+pub fn kill(child: &mut Child) {
+    if let Ok(pgid) = i32::try_from(child.id()) {
+        // SAFETY: killpg only sends a signal; the group is the one spawn() created, led
+        // by our (not yet reaped) child, so its id cannot have been reused.
+        unsafe { libc::killpg(pgid, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -37,6 +37,23 @@ fn boots_to_agent_hello_and_powers_off() {
         .read_file("/sys/fs/cgroup/cgroup.controllers")
         .expect("cgroup2");
     assert!(String::from_utf8_lossy(&controllers).contains("memory"));
+    // exec runs a program and returns its status and output.
+    let out = agent
+        .exec(isola_proto::guest::ExecRequest {
+            argv: vec!["/init".into(), "--version".into()],
+            timeout_ms: 10_000,
+            ..Default::default()
+        })
+        .expect("exec");
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "isola-guest 0.1.0\n");
+    let err = agent
+        .exec(isola_proto::guest::ExecRequest {
+            argv: vec!["/nonexistent".into()],
+            ..Default::default()
+        })
+        .expect_err("no such program");
+    assert!(err.to_string().contains("/nonexistent"), "{err}");
     let console = std::fs::read_to_string(vm.console_log_path()).unwrap();
     assert!(
         console.lines().count() < 20,
@@ -154,4 +171,27 @@ fn builtin_vmm_is_refused_clearly() {
     .unwrap_err();
     assert!(err.to_string().contains("builtin VMM not available yet"));
     let _ = (kernel, initramfs, dir);
+}
+
+#[test]
+fn a_vmm_that_dies_at_start_leaves_nothing_behind() {
+    let virtiofsd = virtiofsd();
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let mut vm = vm("vmm-dies", dir.path(), |c| {
+        // Exits at once, after virtiofsd was started for the share.
+        c.qemu_binary = "/bin/false".into();
+        c.virtiofsd_binary = virtiofsd;
+    });
+    vm.add_device(isola_vm::Device::Fs {
+        tag: "pod".into(),
+        shared_dir: share,
+    })
+    .unwrap();
+    let err = vm.start().expect_err("qemu exits at once");
+    assert!(err.to_string().contains("exited"), "{err}");
+    assert!(vm.pids().is_empty(), "{:?}", vm.pids());
+    assert_no_process_mentions(dir.path());
+    assert_no_sockets(&dir.path().join("run"));
 }

@@ -33,9 +33,11 @@ struct Sample {
     first_line: Option<Duration>,
     hello: Duration,
     down: Duration,
-    vmm_kib: u64,
+    vmm_anon_kib: u64,
+    vmm_file_kib: u64,
     guest_kib: u64,
-    helpers_kib: u64,
+    helpers_anon_kib: u64,
+    helpers_file_kib: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -98,15 +100,17 @@ fn main() -> anyhow::Result<()> {
     );
     println!();
     println!(
-        "{:<30} {:>17} {:>17} {:>12} {:>10} {:>10} {:>10} {:>10}",
+        "{:<30} {:>17} {:>17} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "kernel",
         "1st line med/p90",
         "hello med/p90",
         "down med",
-        "vmm MiB",
-        "guest MiB",
-        "fsd MiB",
-        "total MiB"
+        "vmm anon",
+        "vmm file",
+        "guest",
+        "fsd",
+        "per-VM",
+        "RSS sum"
     );
     for case in &cases {
         let mut samples = Vec::new();
@@ -120,8 +124,10 @@ fn main() -> anyhow::Result<()> {
     println!();
     println!("1st line: launch of QEMU → first complete line on the serial console (kernel `quiet`: usually isola-guest's start line).");
     println!("hello: launch → the guest agent's answer to Hello on the agent port. down: shutdown request → QEMU exited.");
-    println!("vmm: QEMU's RssAnon+RssFile; guest: guest RAM pages touched (QEMU's RssShmem of the memfd backend);");
-    println!("fsd: virtiofsd's RSS; total: their sum, after hello. Medians over the boots.");
+    println!("Memory in MiB after hello, medians: vmm anon/file: QEMU's RssAnon and RssFile (binary, libraries and the");
+    println!("mapped kernel: page cache shared by all VMs); guest: guest RAM pages touched (QEMU's RssShmem of the memfd");
+    println!("RAM backend); fsd: virtiofsd's RssAnon; per-VM: vmm anon + guest + fsd, what each more VM costs;");
+    println!("RSS sum: every RSS figure of the VM's processes added up (shared pages counted).");
     Ok(())
 }
 
@@ -164,13 +170,15 @@ fn boot_once(
     };
     let pids = vm.pids();
     if let Some(m) = pids.first().and_then(|p| ProcessMemory::of(*p)) {
-        s.vmm_kib = m.anon_kib + m.file_kib;
+        s.vmm_anon_kib = m.anon_kib;
+        s.vmm_file_kib = m.file_kib;
         s.guest_kib = m.shmem_kib;
     }
     for p in pids.iter().skip(1) {
         if let Some(m) = ProcessMemory::of(*p) {
             // virtiofsd maps guest memory too; count only its own pages.
-            s.helpers_kib += m.anon_kib + m.file_kib;
+            s.helpers_anon_kib += m.anon_kib;
+            s.helpers_file_kib += m.file_kib;
         }
     }
     done.store(true, Ordering::Relaxed);
@@ -227,26 +235,28 @@ fn report(case: &Case, samples: &[Sample]) {
     down.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mib = |k: u64| k as f64 / 1024.0;
-    let vmm = median_u64(samples.iter().map(|s| s.vmm_kib).collect());
-    let guest = median_u64(samples.iter().map(|s| s.guest_kib).collect());
-    let fsd = median_u64(samples.iter().map(|s| s.helpers_kib).collect());
-    let total = median_u64(
-        samples
-            .iter()
-            .map(|s| s.vmm_kib + s.guest_kib + s.helpers_kib)
-            .collect(),
-    );
+    let med = |f: &dyn Fn(&Sample) -> u64| median_u64(samples.iter().map(f).collect());
+    let vmm_anon = med(&|s| s.vmm_anon_kib);
+    let vmm_file = med(&|s| s.vmm_file_kib);
+    let guest = med(&|s| s.guest_kib);
+    let fsd = med(&|s| s.helpers_anon_kib);
+    let per_vm = med(&|s| s.vmm_anon_kib + s.guest_kib + s.helpers_anon_kib);
+    let rss_sum = med(&|s| {
+        s.vmm_anon_kib + s.vmm_file_kib + s.guest_kib + s.helpers_anon_kib + s.helpers_file_kib
+    });
     println!(
-        "{:<30} {:>7.0}/{:>6.0} ms {:>7.0}/{:>6.0} ms {:>9.0} ms {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+        "{:<30} {:>7.0}/{:>6.0} ms {:>7.0}/{:>6.0} ms {:>6.0} ms {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
         case.name,
         ms(percentile(&first, 0.5)),
         ms(percentile(&first, 0.9)),
         ms(percentile(&hello, 0.5)),
         ms(percentile(&hello, 0.9)),
         ms(percentile(&down, 0.5)),
-        mib(vmm),
+        mib(vmm_anon),
+        mib(vmm_file),
         mib(guest),
         mib(fsd),
-        mib(total),
+        mib(per_vm),
+        mib(rss_sum),
     );
 }

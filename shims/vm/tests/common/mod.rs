@@ -50,19 +50,26 @@ pub fn vm(name: &str, dir: &Path, tweak: impl FnOnce(&mut VmConfig)) -> QemuVm {
     QemuVm::new(selection, config)
 }
 
-/// Fails if any of `pids` still runs (zombies count as gone: they are reaped by the VM's
-/// owner when it waits).
+/// Fails if any of `pids` still runs a moment later (zombies count as gone: they are
+/// reaped by their parent; a killed process may take a few ms to die).
 pub fn assert_gone(pids: &[u32]) {
-    for pid in pids {
+    let running = |pid: &u32| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let state = stat
             .rsplit(')')
             .next()
             .and_then(|s| s.split_whitespace().next());
-        assert!(
-            matches!(state, None | Some("Z") | Some("X")),
-            "process {pid} of the VM is still running: {stat}"
-        );
+        (!matches!(state, None | Some("Z") | Some("X"))).then_some(stat)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for pid in pids {
+        while let Some(stat) = running(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process {pid} of the VM is still running: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
@@ -92,4 +99,21 @@ pub fn shutdown_cleanly(vm: &mut QemuVm, run_dir: &Path) {
     assert!(exit.status.success(), "qemu exit status {}", exit.status);
     assert_gone(&pids);
     assert_no_sockets(run_dir);
+    assert_no_process_mentions(run_dir);
+}
+
+/// Fails if a live process has `dir` in its command line (a leaked QEMU or virtiofsd of
+/// this test: their sockets and logs live under the test's own directory).
+pub fn assert_no_process_mentions(dir: &Path) {
+    let needle = dir.display().to_string();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            assert_gone(&[pid]);
+        }
+    }
 }
