@@ -63,6 +63,14 @@ pub enum Device {
         /// Guest MAC address (aa:bb:cc:dd:ee:ff), or the VMM's default.
         mac: Option<String>,
     },
+    /// virtio-blk backed by a raw image file or block device; the guest sees
+    /// `/dev/vda`, `/dev/vdb`, ... in the order the disks were added.
+    Block {
+        /// The image or device.
+        path: PathBuf,
+        /// Refuse guest writes.
+        read_only: bool,
+    },
     /// virtio-fs sharing a host directory under a tag (`mount -t virtiofs <tag> ...`).
     Fs {
         /// The mount tag the guest uses.

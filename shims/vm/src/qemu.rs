@@ -166,6 +166,17 @@ impl QemuVm {
                     }
                     args.push(d);
                 }
+                Device::Block { path, read_only } => {
+                    // QEMU option values escape a comma by doubling it.
+                    let file = path.display().to_string().replace(',', ",,");
+                    let ro = if *read_only { "on" } else { "off" };
+                    args.push("-drive".into());
+                    args.push(format!(
+                        "file={file},if=none,id=blk{i},format=raw,readonly={ro}"
+                    ));
+                    args.push("-device".into());
+                    args.push(format!("virtio-blk-device,drive=blk{i}"));
+                }
                 Device::Fs { tag, .. } => {
                     if let Some(sock) = fs_sockets.get(fs_index) {
                         args.push("-chardev".into());
@@ -199,7 +210,7 @@ impl QemuVm {
             .iter()
             .filter_map(|d| match d {
                 Device::Fs { tag, shared_dir } => Some((tag.clone(), shared_dir.clone())),
-                Device::Net { .. } => None,
+                Device::Net { .. } | Device::Block { .. } => None,
             })
             .collect();
         for (i, (tag, dir)) in shares.iter().enumerate() {
@@ -225,7 +236,7 @@ impl QemuVm {
             .iter()
             .filter_map(|d| match d {
                 Device::Net { tap, .. } => Some(tap.as_raw_fd()),
-                Device::Fs { .. } => None,
+                Device::Fs { .. } | Device::Block { .. } => None,
             })
             .collect();
         let mut cmd = Command::new(&self.config.qemu_binary);
@@ -431,6 +442,14 @@ impl Hypervisor for QemuVm {
             if !shared_dir.is_dir() {
                 return Err(VmError::io(
                     format!("virtio-fs share {tag}: {}", shared_dir.display()),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                ));
+            }
+        }
+        if let Device::Block { path, .. } = &device {
+            if !path.exists() {
+                return Err(VmError::io(
+                    format!("virtio-blk disk {}", path.display()),
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 ));
             }

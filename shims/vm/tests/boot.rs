@@ -195,3 +195,21 @@ fn a_vmm_that_dies_at_start_leaves_nothing_behind() {
     assert_no_process_mentions(dir.path());
     assert_no_sockets(&dir.path().join("run"));
 }
+
+#[test]
+fn stop_ends_a_running_vm_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = vm("stop", dir.path(), |_| {});
+    vm.start().expect("start");
+    let pids = vm.pids();
+    vm.agent().unwrap().hello().expect("hello");
+    let started = Instant::now();
+    vm.stop(Duration::from_secs(10)).expect("stop");
+    eprintln!("stop took {:?}", started.elapsed());
+    assert_gone(&pids);
+    assert_no_sockets(&dir.path().join("run"));
+    assert_no_process_mentions(dir.path());
+    // A second stop and a wait are answered from the recorded exit.
+    vm.stop(Duration::from_secs(1)).expect("stop is idempotent");
+    vm.wait(None).expect("wait after stop");
+}
