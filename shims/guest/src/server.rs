@@ -60,6 +60,7 @@ impl Server {
     /// Serves requests on `port` until a shutdown request; returns `Ok(())` then.
     pub fn serve(&self, mut port: File) -> Result<(), ServeError> {
         loop {
+            reap_orphans();
             let req: Request = match read_frame(&mut port) {
                 Ok(Some(req)) => req,
                 Ok(None) | Err(FrameError::Io(_)) => {
@@ -137,6 +138,14 @@ impl Server {
             }),
         }
     }
+}
+
+/// As PID 1 we inherit every orphan: reap those that exited. Only called between
+/// requests, when no exec child of ours is being waited for.
+fn reap_orphans() {
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`; WNOHANG keeps it from blocking.
+    while unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } > 0 {}
 }
 
 fn error_response(id: u64, message: String) -> Response {
