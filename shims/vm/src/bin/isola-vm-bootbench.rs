@@ -5,6 +5,9 @@
 //! Usage: isola-vm-bootbench [--boots N] [--memory-mib M] [--kernel P] [--initramfs P]
 //!        [--bzimage P] [--cloud-kernel P --cloud-initramfs P] [--no-virtiofs]
 //!
+//! Without --cloud-* it compares with /usr/share/isola/guest/cloud/{vmlinuz,initramfs.cpio}
+//! when deploy/guest/build-cloud-initramfs.sh has made them.
+//!
 //! The cloud kernel (Debian's linux-image-cloud-amd64) has its virtio drivers as modules
 //! and finds virtio-mmio devices only through ACPI: it boots with `-M microvm,acpi=on`
 //! and an initramfs that carries the modules (see deploy/guest/build-cloud-initramfs.sh).
@@ -77,6 +80,20 @@ fn main() -> anyhow::Result<()> {
             initramfs: initramfs.clone(),
             acpi: false,
         });
+    }
+    // Debian's cloud kernel is compared by default when build-cloud-initramfs.sh ran.
+    let cloud_dir = Path::new(isola_vm::assets::DEFAULT_GUEST_DIR).join("cloud");
+    if cloud_kernel.is_none() && cloud_initramfs.is_none() {
+        let (k, i) = (cloud_dir.join("vmlinuz"), cloud_dir.join("initramfs.cpio"));
+        if k.is_file() && i.is_file() {
+            cloud_kernel = Some(k);
+            cloud_initramfs = Some(i);
+        } else {
+            println!(
+                "note: no Debian cloud kernel in {} (deploy/guest/build-cloud-initramfs.sh makes it): not compared",
+                cloud_dir.display()
+            );
+        }
     }
     match (cloud_kernel, cloud_initramfs) {
         (Some(k), Some(i)) => cases.push(Case {
