@@ -130,6 +130,10 @@ impl QemuVm {
             "-no-user-config".into(),
             "-nographic".into(),
             "-no-reboot".into(),
+            // QEMU's seccomp filter: no obsolete syscalls, no setuid, no fork/exec (the TAP
+            // comes as an fd, there are no helper scripts), no scheduler/affinity changes.
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
             "-kernel".into(),
             c.kernel.display().to_string(),
             "-initrd".into(),
