@@ -52,17 +52,23 @@ impl Drop for Registry {
 }
 
 impl Registry {
-    /// Starts an anonymous registry.
+    /// Starts an anonymous registry on a free port.
     pub fn start() -> Result<Registry> {
-        Self::start_inner(None)
+        Self::start_inner(None, None)
+    }
+
+    /// Starts an anonymous registry on `addr` (`127.0.0.1:<port>`), for a runtime
+    /// configured beforehand to reach it (the benchmark).
+    pub fn start_on(addr: &str) -> Result<Registry> {
+        Self::start_inner(None, Some(addr.to_string()))
     }
 
     /// Starts a registry that wants `user`/`password` (HTTP basic auth) for everything.
     pub fn start_with_auth(user: &str, password: &str) -> Result<Registry> {
-        Self::start_inner(Some((user.to_string(), password.to_string())))
+        Self::start_inner(Some((user.to_string(), password.to_string())), None)
     }
 
-    fn start_inner(auth: Option<(String, String)>) -> Result<Registry> {
+    fn start_inner(auth: Option<(String, String)>, addr: Option<String>) -> Result<Registry> {
         let bin = which("docker-registry").context(
             "docker-registry not found: apt-get install docker-registry busybox-static apache2-utils",
         )?;
@@ -73,8 +79,13 @@ impl Registry {
         std::fs::create_dir(&storage)?;
         // A free port: bind, read it, release. A race with another process is possible
         // but harmless: the start check below fails loudly.
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = match addr {
+            Some(a) => a,
+            None => {
+                let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+                format!("127.0.0.1:{port}")
+            }
+        };
         let mut config = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             storage.display()

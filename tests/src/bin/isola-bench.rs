@@ -34,6 +34,14 @@ struct Cli {
     /// Pull the image this many times (removing it in between) to time pulls.
     #[arg(long, default_value_t = 1)]
     pulls: usize,
+    /// Start a local registry (Debian's docker-registry) on this address, e.g.
+    /// 127.0.0.1:5077, push a 60 MB image of 4 layers (busybox + 3 x 20 MiB of random
+    /// bytes) to it, and time `--pulls` pulls of it (removing it in between) as the step
+    /// "PullImage 60MB local". The runtime must accept plain HTTP from that address
+    /// (isolad: `[registry] insecure_registries = ["127.0.0.1:5077"]`; containerd: a
+    /// hosts.toml with `server = "http://127.0.0.1:5077"`).
+    #[arg(long)]
+    local_registry: Option<String>,
     /// Write the JSON result here as well.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -115,6 +123,38 @@ async fn main() -> anyhow::Result<()> {
             }),
         )
         .await;
+    }
+    // Kept alive until the end: dropping it stops the registry.
+    let mut _registry = None;
+    if let Some(addr) = &cli.local_registry {
+        use isola_tests::registry::{big_image, Registry};
+        let reg = Registry::start_on(addr)?;
+        let big = reg.push_image("bench/big", "1", &big_image(3, 20)?)?;
+        let big_spec = cri::ImageSpec {
+            image: big.reference.clone(),
+            ..Default::default()
+        };
+        for _ in 0..cli.pulls.max(1) {
+            let _ = img
+                .remove_image(cri::RemoveImageRequest {
+                    image: Some(big_spec.clone()),
+                })
+                .await;
+            b.time(
+                "PullImage 60MB local",
+                img.pull_image(cri::PullImageRequest {
+                    image: Some(big_spec.clone()),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        let _ = img
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(big_spec),
+            })
+            .await;
+        _registry = Some(reg);
     }
     let tag = std::process::id();
     for i in 0..cli.n {
