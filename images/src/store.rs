@@ -39,7 +39,13 @@ struct Inner {
     /// One lock per blob digest or chain id being fetched or unpacked: concurrent pulls
     /// of the same content wait for the first and then find it on disk.
     busy: StdMutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last [`ImageStore::fs_info`] measurement: kubelet asks every few seconds,
+    /// and a walk of a big store is not free. Cleared by every change of the store.
+    usage: StdMutex<Option<(std::time::Instant, FsUsage)>>,
 }
+
+/// How long an [`ImageStore::fs_info`] measurement is answered again.
+const USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for ImageStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,15 +89,20 @@ impl ImageStore {
         txn.open_table(IMAGES)?;
         txn.open_table(SNAPSHOTS)?;
         txn.commit()?;
-        Ok(ImageStore {
+        let store = ImageStore {
             inner: Arc::new(Inner {
                 root,
                 config,
                 db,
                 gc_lock: Arc::new(tokio::sync::RwLock::new(())),
                 busy: StdMutex::new(HashMap::new()),
+                usage: StdMutex::new(None),
             }),
-        })
+        };
+        // Files a crash left between their rename and their record: nothing runs yet, so
+        // collecting now is safe.
+        store.collect_garbage()?;
+        Ok(store)
     }
 
     /// The root directory of the store.
@@ -225,6 +236,7 @@ impl ImageStore {
     /// Writes the record of a pulled image, merging names with an existing record of the
     /// same id and moving the tag off any other image that had it.
     fn record_pull(&self, r: &Reference, mut new: ImageRecord) -> Result<ImageRecord> {
+        self.forget_usage();
         let txn = self.inner.db.begin_write()?;
         {
             let mut t = txn.open_table(IMAGES)?;
@@ -375,19 +387,37 @@ impl ImageStore {
     }
 
     /// Bytes and inodes used under the store's root, and the root's path.
+    /// A measurement is answered again for a few seconds unless the store changed.
     pub async fn fs_info(&self) -> Result<FsUsage> {
+        if let Some((at, u)) = &*self.inner.usage.lock().unwrap_or_else(|p| p.into_inner()) {
+            if at.elapsed() < USAGE_TTL {
+                return Ok(u.clone());
+            }
+        }
         let root = self.inner.root.clone();
-        tokio::task::spawn_blocking(move || {
+        let u = tokio::task::spawn_blocking(move || {
             measure(&root).ctx(|| format!("measure {}", root.display()))
         })
         .await
-        .map_err(|e| Error::io("measure task", std::io::Error::other(e)))?
+        .map_err(|e| Error::io("measure task", std::io::Error::other(e)))??;
+        *self.inner.usage.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), u.clone()));
+        Ok(u)
     }
 
     /// Removes unpacked layers and blobs that no image and no snapshot refers to, and
     /// snapshot directories without a record. Runs while no pull is in progress.
     pub async fn gc(&self) -> Result<GcStats> {
         let _gc = self.inner.gc_lock.write().await;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.collect_garbage())
+            .await
+            .map_err(|e| Error::io("gc task", std::io::Error::other(e)))?
+    }
+
+    /// The work of [`ImageStore::gc`]; the caller keeps pulls out.
+    fn collect_garbage(&self) -> Result<GcStats> {
+        self.forget_usage();
         let images = self.all_images()?;
         let snapshots = self.all_snapshots()?;
         let mut chains: HashSet<String> = HashSet::new();
@@ -402,20 +432,19 @@ impl ImageStore {
             chains.extend(s.chain_ids.iter().map(|c| hex_of(c).to_string()));
             snaps.insert(s.container_id.clone());
         }
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut stats = GcStats::default();
-            let root = &store.inner.root;
-            stats.layers = store.sweep(&root.join("layers"), &chains)?;
-            stats.blobs = store.sweep(&root.join("blobs/sha256"), &blobs)?;
-            stats.snapshots = store.sweep(&root.join("snapshots"), &snaps)?;
-            if stats != GcStats::default() {
-                tracing::info!(?stats, "garbage collected");
-            }
-            Ok(stats)
-        })
-        .await
-        .map_err(|e| Error::io("gc task", std::io::Error::other(e)))?
+        let mut stats = GcStats::default();
+        let root = &self.inner.root;
+        stats.layers = self.sweep(&root.join("layers"), &chains)?;
+        stats.blobs = self.sweep(&root.join("blobs/sha256"), &blobs)?;
+        stats.snapshots = self.sweep(&root.join("snapshots"), &snaps)?;
+        if stats != GcStats::default() {
+            tracing::info!(?stats, "garbage collected");
+        }
+        Ok(stats)
+    }
+
+    fn forget_usage(&self) {
+        *self.inner.usage.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Removes the entries of `dir` whose names are not in `keep`. Each goes to `tmp/`
@@ -469,6 +498,7 @@ impl ImageStore {
             let _ = remove_path(&tmp);
             return Err(Error::io(format!("create snapshot {}", dir.display()), e));
         }
+        self.forget_usage();
         let rec = SnapshotRecord {
             container_id: container_id.to_string(),
             image_id: img.id.clone(),
@@ -522,6 +552,7 @@ impl ImageStore {
         let txn = self.inner.db.begin_write()?;
         txn.open_table(SNAPSHOTS)?.remove(container_id)?;
         txn.commit()?;
+        self.forget_usage();
         let dir = self.snapshot_path(container_id);
         let tmp = self.tmp_path();
         tokio::task::spawn_blocking(move || -> Result<()> {

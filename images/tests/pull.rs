@@ -357,7 +357,13 @@ async fn names_ids_digests_list_and_remove() {
     // Records survive a restart; a crash's leftovers in tmp/ are cleaned.
     drop(store);
     let root = dir.path().join("images");
+    // What a crash could leave: work in tmp/, and files renamed into place whose record
+    // was never written.
     std::fs::create_dir(root.join("tmp/leftover")).unwrap();
+    std::fs::create_dir(root.join("layers").join("e".repeat(64))).unwrap();
+    std::fs::write(root.join("blobs/sha256").join("f".repeat(64)), b"x").unwrap();
+    std::fs::create_dir_all(root.join("snapshots/orphan/upper")).unwrap();
+    let layers_before = entries(&root.join("layers")).len();
     let store = ImageStore::open(
         &root,
         RegistryConfig {
@@ -367,6 +373,9 @@ async fn names_ids_digests_list_and_remove() {
     )
     .unwrap();
     assert!(entries(&root.join("tmp")).is_empty());
+    assert_eq!(entries(&root.join("layers")).len(), layers_before - 1);
+    assert!(!root.join("blobs/sha256").join("f".repeat(64)).exists());
+    assert!(entries(&root.join("snapshots")).is_empty());
     assert_eq!(
         store
             .status(&reg.image("test/names", "v1"))
