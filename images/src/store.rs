@@ -75,7 +75,7 @@ impl ImageStore {
     /// the runtime serves requests.
     pub fn open(root: impl Into<PathBuf>, config: RegistryConfig) -> Result<ImageStore> {
         let root = root.into();
-        for d in ["blobs/sha256", "layers", "snapshots", "tmp", "empty"] {
+        for d in ["blobs/sha256", "layers", "l", "snapshots", "tmp", "empty"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
         }
@@ -305,7 +305,8 @@ impl ImageStore {
         let lock = self.busy_lock(chain_id);
         let _guard = lock.lock().await;
         if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
-            return Ok(());
+            // A crash may have come between the layer's rename and its short link.
+            return make_short_link(&dir);
         }
         let blob = self.ensure_blob(fetcher, desc).await?;
         let tmp = self.tmp_path();
@@ -324,7 +325,9 @@ impl ImageStore {
                         detail: format!("layer {layer} unpacks to diff id {}", unpacked.diff_id),
                     });
                 }
-                std::fs::rename(&tmp, &dir).ctx(|| format!("rename layer into {}", dir.display()))
+                std::fs::rename(&tmp, &dir)
+                    .ctx(|| format!("rename layer into {}", dir.display()))?;
+                make_short_link(&dir)
             })();
             if res.is_err() {
                 let _ = remove_path(&tmp);
@@ -437,6 +440,8 @@ impl ImageStore {
         stats.layers = self.sweep(&root.join("layers"), &chains)?;
         stats.blobs = self.sweep(&root.join("blobs/sha256"), &blobs)?;
         stats.snapshots = self.sweep(&root.join("snapshots"), &snaps)?;
+        let shorts: HashSet<String> = chains.iter().map(|c| short_name(c)).collect();
+        self.sweep(&root.join("l"), &shorts)?;
         if stats != GcStats::default() {
             tracing::info!(?stats, "garbage collected");
         }
@@ -591,7 +596,7 @@ impl ImageStore {
     fn mounts_of(&self, s: &SnapshotRecord) -> Vec<Mount> {
         let dir = self.snapshot_path(&s.container_id);
         // overlayfs lists the top-most lower dir first.
-        let lower: Vec<String> = if s.chain_ids.is_empty() {
+        let mut lower: Vec<String> = if s.chain_ids.is_empty() {
             vec![self.inner.root.join("empty").display().to_string()]
         } else {
             s.chain_ids
@@ -600,6 +605,23 @@ impl ImageStore {
                 .map(|c| self.layer_path(c).display().to_string())
                 .collect()
         };
+        // mount(2) takes at most a page of options: with many layers, name them through
+        // their short links (`l/<16 hex>`, as Docker's overlay2 does) where they exist.
+        if lower.iter().map(|l| l.len() + 1).sum::<usize>() > MAX_FULL_LOWERDIR {
+            lower = s
+                .chain_ids
+                .iter()
+                .rev()
+                .map(|c| {
+                    let link = self.inner.root.join("l").join(short_name(c));
+                    let full = self.layer_path(c);
+                    match std::fs::read_link(&link) {
+                        Ok(t) if t == short_link_target(&full) => link.display().to_string(),
+                        _ => full.display().to_string(),
+                    }
+                })
+                .collect();
+        }
         vec![Mount {
             kind: "overlay".into(),
             source: "overlay".into(),
@@ -686,6 +708,38 @@ fn resolve<'a>(all: &'a [ImageRecord], name: &str) -> Option<&'a ImageRecord> {
         }
     }
     None
+}
+
+/// Lower dirs longer than this in total go through short links.
+const MAX_FULL_LOWERDIR: usize = 2048;
+
+/// The name of a layer's short link in `l/`: 16 hex digits of its chain id.
+fn short_name(chain_id: &str) -> String {
+    hex_of(chain_id).chars().take(16).collect()
+}
+
+fn short_link_target(layer_dir: &Path) -> PathBuf {
+    Path::new("../layers").join(layer_dir.file_name().unwrap_or_default())
+}
+
+/// Creates `l/<short>` -> `../layers/<hex>` for an unpacked layer directory (a relative
+/// target, so the store can move). An existing link is left as it is: if it is a
+/// collision, building a snapshot's mounts sees it points elsewhere and uses the full
+/// path.
+fn make_short_link(layer_dir: &Path) -> Result<()> {
+    let name = layer_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Some(root) = layer_dir.parent().and_then(Path::parent) else {
+        return Ok(());
+    };
+    let link = root.join("l").join(short_name(&name));
+    match std::os::unix::fs::symlink(short_link_target(layer_dir), &link) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::io(format!("create {}", link.display()), e)),
+    }
 }
 
 /// The hex part of `sha256:<hex>`.

@@ -580,6 +580,40 @@ async fn mirrors_are_tried_first() {
     assert_eq!(img.id, only_up.config_digest);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_layers_mount_through_short_links() {
+    let reg = Registry::start().unwrap();
+    let layers: Vec<(Vec<u8>, Compression)> = (0..70)
+        .map(|i| {
+            let t = Tar::new()
+                .file(&format!("f{i}"), format!("{i}\n").as_bytes(), 0o644)
+                .file("top", format!("{i}\n").as_bytes(), 0o644)
+                .finish();
+            (t, Compression::Gzip)
+        })
+        .collect();
+    let pushed = reg
+        .push_image("test/many", "1", &ImageSpec::new(layers))
+        .unwrap();
+    let (dir, store) = store_for(&[&reg]);
+    let img = store.pull(&pushed.reference, None).await.unwrap();
+    assert_eq!(img.chain_ids.len(), 70);
+    let mounts = store.prepare("many", &img.id).await.unwrap();
+    let options = mounts[0].options.join(",");
+    assert!(options.len() < 4000, "{} bytes of options", options.len());
+    assert!(options.contains("/l/"));
+    let root = dir.path().join("rootfs");
+    {
+        let _m = Mounted::new(&mounts[0], &root);
+        assert_eq!(std::fs::read_to_string(root.join("f0")).unwrap(), "0\n");
+        assert_eq!(std::fs::read_to_string(root.join("f69")).unwrap(), "69\n");
+        assert_eq!(std::fs::read_to_string(root.join("top")).unwrap(), "69\n");
+    }
+    store.remove_snapshot("many").await.unwrap();
+    store.remove(&img.id).await.unwrap();
+    assert!(entries(&dir.path().join("images/l")).is_empty());
+}
+
 /// The benchmark image: ≥50 MB in several layers. Run with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
