@@ -79,6 +79,13 @@ impl ImageStore {
             let p = root.join(d);
             std::fs::create_dir_all(&p).ctx(|| format!("create {}", p.display()))?;
         }
+        // Layers hold set-id binaries and containers' files: no other user may reach them
+        // (chain ids of public images are known, so a mode of 0711 would not do).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                .ctx(|| format!("chmod 0700 {}", root.display()))?;
+        }
         let tmp = root.join("tmp");
         for entry in std::fs::read_dir(&tmp).ctx(|| format!("read {}", tmp.display()))? {
             let entry = entry.ctx(|| format!("read {}", tmp.display()))?;

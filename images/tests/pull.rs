@@ -218,6 +218,12 @@ async fn layered_image_unpacks_and_mounts_as_an_overlay() {
         Err(Error::AlreadyExists(_))
     ));
 
+    let mode = std::fs::metadata(dir.path().join("images"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "the store is root's alone");
+
     let fs = store.fs_info().await.unwrap();
     assert_eq!(fs.path, dir.path().join("images"));
     assert!(fs.used_bytes > 1_000_000, "{fs:?}");
