@@ -27,9 +27,9 @@ pub struct Credentials {
     /// `base64(username:password)`, as in a Docker config file; used when `username` is
     /// empty.
     pub auth: String,
-    /// An identity token. isola sends it as a bearer token: `oci-client` has no OAuth2
-    /// refresh-token flow, so registries that only accept it at their token endpoint
-    /// will refuse it (Unauthenticated).
+    /// An identity token (Docker's `identitytoken`): an OAuth2 refresh token, exchanged
+    /// at the registry's token service (`POST`, `grant_type=refresh_token`) for an
+    /// access token scoped to the repository being pulled.
     pub identity_token: String,
     /// A bearer token sent to the registry as it is.
     pub registry_token: String,
@@ -66,9 +66,7 @@ impl Credentials {
             let (u, p) = s.split_once(':').ok_or_else(bad)?;
             return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
         }
-        if !self.identity_token.is_empty() {
-            return Ok(RegistryAuth::Bearer(self.identity_token.clone()));
-        }
+        // An identity token is exchanged per registry by `Fetcher::connect`.
         Ok(RegistryAuth::Anonymous)
     }
 }
@@ -140,6 +138,130 @@ pub(crate) struct Fetcher {
 
 impl Fetcher {
     /// A fetcher for `reference`, talking to `endpoint` (the registry or one of its mirrors).
+    /// A fetcher for `reference` at `endpoint` with the pull's credentials: an identity
+    /// token is exchanged for an access token first.
+    pub(crate) async fn connect(
+        config: &RegistryConfig,
+        reference: &Reference,
+        endpoint: &str,
+        creds: &Credentials,
+    ) -> Result<Fetcher> {
+        let mut f = Fetcher::new(config, reference, endpoint, creds.to_auth()?);
+        let only_identity = creds.registry_token.is_empty()
+            && creds.username.is_empty()
+            && creds.auth.is_empty()
+            && !creds.identity_token.is_empty();
+        if only_identity {
+            let plain_http = config.insecure_registries.iter().any(|h| h == endpoint);
+            if let Some(token) = f
+                .exchange_refresh_token(&creds.identity_token, plain_http)
+                .await?
+            {
+                f.auth = RegistryAuth::Bearer(token);
+            }
+        }
+        Ok(f)
+    }
+
+    /// Trades an OAuth2 refresh token for an access token at the token service the
+    /// registry names in its `WWW-Authenticate` challenge; `None` if the registry asks
+    /// for no token.
+    async fn exchange_refresh_token(
+        &self,
+        refresh: &str,
+        plain_http: bool,
+    ) -> Result<Option<String>> {
+        let unavailable = |e: reqwest::Error| Error::Unavailable {
+            reference: self.shown.clone(),
+            detail: e.to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(15))
+            .timeout(std::time::Duration::from_secs(60))
+            .user_agent(concat!("isola/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(unavailable)?;
+        let scheme = if plain_http { "http" } else { "https" };
+        let registry = self.oci_ref.resolve_registry();
+        let resp = http
+            .get(format!("{scheme}://{registry}/v2/"))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(parse_bearer_challenge);
+        let Some(Some(params)) = challenge else {
+            return Ok(None);
+        };
+        let Some(realm) = params
+            .iter()
+            .find(|(k, _)| k == "realm")
+            .map(|(_, v)| v.clone())
+        else {
+            return Ok(None);
+        };
+        let service = params
+            .iter()
+            .find(|(k, _)| k == "service")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let scope = format!("repository:{}:pull", self.oci_ref.repository());
+        let form = format!(
+            "grant_type=refresh_token&client_id=isola&service={}&scope={}&refresh_token={}",
+            form_encode(&service),
+            form_encode(&scope),
+            form_encode(refresh)
+        );
+        let resp = http
+            .post(&realm)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(form)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(unavailable)?;
+        if status == reqwest::StatusCode::UNAUTHORIZED
+            || status == reqwest::StatusCode::FORBIDDEN
+            || status == reqwest::StatusCode::BAD_REQUEST
+        {
+            return Err(Error::Unauthenticated {
+                reference: self.shown.clone(),
+                detail: format!("the token service refused the identity token (HTTP {status})"),
+            });
+        }
+        if !status.is_success() {
+            return Err(Error::Unavailable {
+                reference: self.shown.clone(),
+                detail: format!("token service {realm}: HTTP {status}"),
+            });
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            #[serde(default)]
+            access_token: Option<String>,
+            #[serde(default)]
+            token: Option<String>,
+        }
+        let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| Error::Unavailable {
+            reference: self.shown.clone(),
+            detail: format!("token service answer: {e}"),
+        })?;
+        match t.access_token.or(t.token) {
+            Some(tok) if !tok.is_empty() => Ok(Some(tok)),
+            _ => Err(Error::Unavailable {
+                reference: self.shown.clone(),
+                detail: "token service answered no token".into(),
+            }),
+        }
+    }
+
     pub(crate) fn new(
         config: &RegistryConfig,
         reference: &Reference,
@@ -412,6 +534,46 @@ impl Fetcher {
     }
 }
 
+/// The parameters of a `Bearer k="v", ...` challenge; `None` for another scheme.
+fn parse_bearer_challenge(h: &str) -> Option<Vec<(String, String)>> {
+    let rest = h.trim();
+    let (scheme, rest) = rest.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let (k, after) = s.split_once('=')?;
+        let after = after.trim_start();
+        let (v, next) = if let Some(q) = after.strip_prefix('"') {
+            let end = q.find('"')?;
+            (&q[..end], &q[end + 1..])
+        } else {
+            match after.find(',') {
+                Some(i) => (&after[..i], &after[i..]),
+                None => (after, ""),
+            }
+        };
+        out.push((k.trim().to_ascii_lowercase(), v.to_string()));
+        s = next.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(out)
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// The linux/amd64 entry of an index; an entry without a variant (or `v1`) wins over a
 /// later one.
 fn pick_linux_amd64(entries: &[Descriptor]) -> Option<&Descriptor> {
@@ -525,6 +687,22 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(bad.to_auth(), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn bearer_challenges_parse() {
+        let p = parse_bearer_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            p[0],
+            ("realm".into(), "https://auth.docker.io/token".into())
+        );
+        assert_eq!(p[1], ("service".into(), "registry.docker.io".into()));
+        assert_eq!(p[2].1, "repository:library/busybox:pull");
+        assert!(parse_bearer_challenge(r#"Basic realm="x""#).is_none());
+        assert_eq!(form_encode("a b/c:d"), "a%20b%2Fc%3Ad");
     }
 
     #[test]

@@ -130,14 +130,20 @@ impl ImageStore {
 
     async fn pull_inner(&self, r: Reference, creds: Option<Credentials>) -> Result<ImageRecord> {
         let started = std::time::Instant::now();
-        let auth = creds.unwrap_or_default().to_auth()?;
+        let creds = creds.unwrap_or_default();
+        // Refused early: a malformed `auth` field is the caller's error, not a registry's.
+        creds.to_auth()?;
         let mut last_err = None;
         let mut found = None;
         for endpoint in self.inner.config.endpoints(&r.domain) {
-            let fetcher = Fetcher::new(&self.inner.config, &r, &endpoint, auth.clone());
-            match fetcher.resolve().await {
-                Ok(res) => {
-                    found = Some((fetcher, res));
+            let connected = Fetcher::connect(&self.inner.config, &r, &endpoint, &creds).await;
+            let resolved = match connected {
+                Ok(fetcher) => fetcher.resolve().await.map(|res| (fetcher, res)),
+                Err(e) => Err(e),
+            };
+            match resolved {
+                Ok(pair) => {
+                    found = Some(pair);
                     break;
                 }
                 Err(e) => {

@@ -458,6 +458,41 @@ async fn basic_auth_with_and_without_credentials() {
     store.pull(&pushed.reference, Some(auth)).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_anonymous_and_from_an_identity_token() {
+    let reg = Registry::start_with_token_auth(&["pub/img"], &["priv/img"], "refresh-me").unwrap();
+    let public = reg
+        .push_image("pub/img", "1", &arch_image("amd64"))
+        .unwrap();
+    let private = reg
+        .push_image("priv/img", "1", &arch_image("arm64"))
+        .unwrap();
+    let (_dir, store) = store_for(&[&reg]);
+
+    // Anonymous bearer token, as Docker Hub hands out.
+    let img = store.pull(&public.reference, None).await.unwrap();
+    assert_eq!(img.id, public.config_digest);
+
+    // The anonymous token does not cover the private repository.
+    let err = store.pull(&private.reference, None).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err}");
+    let wrong = Credentials {
+        identity_token: "not-it".into(),
+        ..Default::default()
+    };
+    let err = store
+        .pull(&private.reference, Some(wrong))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated { .. }), "{err}");
+    let right = Credentials {
+        identity_token: "refresh-me".into(),
+        ..Default::default()
+    };
+    let img = store.pull(&private.reference, Some(right)).await.unwrap();
+    assert_eq!(img.id, private.config_digest);
+}
+
 /// Asserts a failed pull left nothing: no record, nothing in tmp/, and after gc no
 /// layer or blob.
 async fn assert_nothing_kept(store: &ImageStore, root: &Path) {

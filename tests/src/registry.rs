@@ -39,6 +39,9 @@ pub struct Registry {
     pub addr: String,
     /// Basic-auth user and password, when the registry wants them.
     pub auth: Option<(String, String)>,
+    /// A bearer token with push rights, when the registry wants tokens.
+    bearer: Option<String>,
+    token_server: Option<TokenServer>,
     storage: PathBuf,
     child: Child,
     _dir: tempfile::TempDir,
@@ -48,27 +51,244 @@ impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        drop(self.token_server.take());
     }
+}
+
+const TOKEN_SERVICE: &str = "isola-registry";
+const TOKEN_ISSUER: &str = "isola-test";
+
+/// A token service for [`Registry::start_with_token_auth`]: tokens are JWTs signed
+/// (RS256, with `openssl`) by a self-signed certificate the registry trusts, carrying the
+/// certificate in their `x5c` header. Tokens are made once at start, one per kind of
+/// caller.
+struct TokenServer {
+    addr: String,
+    cert: PathBuf,
+    push_token: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl TokenServer {
+    fn start(public: &[&str], private: &[&str], refresh_token: &str) -> Result<TokenServer> {
+        let dir = tempfile::Builder::new().prefix("isola-token").tempdir()?;
+        let key = dir.path().join("key.pem");
+        let cert = dir.path().join("cert.pem");
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=isola-test-token"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .context("openssl (apt-get install openssl)")?;
+        if !out.status.success() {
+            bail!("openssl req: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()?;
+        if !der.status.success() {
+            bail!("openssl x509: {}", String::from_utf8_lossy(&der.stderr));
+        }
+        let sign = |repos: &[&str], actions: &[&str]| -> Result<String> {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            let std_b64 = base64::engine::general_purpose::STANDARD;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let header = serde_json::json!({
+                "typ": "JWT",
+                "alg": "RS256",
+                "x5c": [std_b64.encode(&der.stdout)],
+            });
+            let access: Vec<serde_json::Value> = repos
+                .iter()
+                .map(|r| serde_json::json!({ "type": "repository", "name": r, "actions": actions }))
+                .collect();
+            let claims = serde_json::json!({
+                "iss": TOKEN_ISSUER,
+                "sub": "isola-test",
+                "aud": TOKEN_SERVICE,
+                "exp": now + 7200,
+                "nbf": now - 60,
+                "iat": now - 60,
+                "jti": format!("{now}-{}", std::process::id()),
+                "access": access,
+            });
+            let signing_input = format!(
+                "{}.{}",
+                b64.encode(serde_json::to_vec(&header)?),
+                b64.encode(serde_json::to_vec(&claims)?)
+            );
+            let mut child = Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .ok_or_else(|| anyhow!("openssl stdin"))?
+                .write_all(signing_input.as_bytes())?;
+            let out = child.wait_with_output()?;
+            if !out.status.success() {
+                bail!("openssl dgst failed");
+            }
+            Ok(format!("{signing_input}.{}", b64.encode(out.stdout)))
+        };
+        let all: Vec<&str> = public.iter().chain(private.iter()).copied().collect();
+        let push_token = sign(&all, &["pull", "push"])?;
+        let anonymous = sign(public, &["pull"])?;
+        let refreshed = sign(&all, &["pull"])?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let refresh_token = refresh_token.to_string();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let _ = serve_token(&mut conn, &anonymous, &refreshed, &refresh_token);
+            }
+        });
+        Ok(TokenServer {
+            addr,
+            cert,
+            push_token,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        })
+    }
+}
+
+/// Answers one token request: GET (anonymous) or POST with a refresh token.
+fn serve_token(
+    conn: &mut TcpStream,
+    anonymous: &str,
+    refreshed: &str,
+    refresh_token: &str,
+) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            bail!("closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    let (status, json) = if head.starts_with("POST ") {
+        let form: Vec<(&str, &str)> = body
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let get = |k: &str| form.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+        if get("grant_type") == Some("refresh_token") && get("refresh_token") == Some(refresh_token)
+        {
+            (
+                "200 OK",
+                serde_json::json!({ "access_token": refreshed, "expires_in": 3600 }),
+            )
+        } else {
+            (
+                "401 Unauthorized",
+                serde_json::json!({ "error": "invalid_grant" }),
+            )
+        }
+    } else {
+        (
+            "200 OK",
+            serde_json::json!({ "token": anonymous, "expires_in": 3600 }),
+        )
+    };
+    let body = json.to_string();
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
 }
 
 impl Registry {
     /// Starts an anonymous registry on a free port.
     pub fn start() -> Result<Registry> {
-        Self::start_inner(None, None)
+        Self::start_inner(None, None, None)
     }
 
     /// Starts an anonymous registry on `addr` (`127.0.0.1:<port>`), for a runtime
     /// configured beforehand to reach it (the benchmark).
     pub fn start_on(addr: &str) -> Result<Registry> {
-        Self::start_inner(None, Some(addr.to_string()))
+        Self::start_inner(None, Some(addr.to_string()), None)
     }
 
     /// Starts a registry that wants `user`/`password` (HTTP basic auth) for everything.
     pub fn start_with_auth(user: &str, password: &str) -> Result<Registry> {
-        Self::start_inner(Some((user.to_string(), password.to_string())), None)
+        Self::start_inner(Some((user.to_string(), password.to_string())), None, None)
     }
 
-    fn start_inner(auth: Option<(String, String)>, addr: Option<String>) -> Result<Registry> {
+    /// Starts a registry behind a token service (as Docker Hub is): every request needs
+    /// a bearer token from `http://127.0.0.1:<port>/token`. Anonymous token requests get
+    /// pull rights on the `public` repositories only; an OAuth2 refresh-token request
+    /// (`POST`, `grant_type=refresh_token`) with `refresh_token` gets pull rights on
+    /// `public` and `private`.
+    pub fn start_with_token_auth(
+        public: &[&str],
+        private: &[&str],
+        refresh_token: &str,
+    ) -> Result<Registry> {
+        let server = TokenServer::start(public, private, refresh_token)?;
+        Self::start_inner(None, None, Some(server))
+    }
+
+    fn start_inner(
+        auth: Option<(String, String)>,
+        addr: Option<String>,
+        token_server: Option<TokenServer>,
+    ) -> Result<Registry> {
         let bin = which("docker-registry").context(
             "docker-registry not found: apt-get install docker-registry busybox-static apache2-utils",
         )?;
@@ -105,6 +325,13 @@ impl Registry {
                 path.display()
             ));
         }
+        if let Some(ts) = &token_server {
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://{}/token\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                ts.addr,
+                ts.cert.display()
+            ));
+        }
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("registry.log"))?;
@@ -116,9 +343,12 @@ impl Registry {
             .stderr(log)
             .spawn()
             .context("start docker-registry")?;
+        let bearer = token_server.as_ref().map(|t| t.push_token.clone());
         let mut reg = Registry {
             addr,
             auth,
+            bearer,
+            token_server,
             storage,
             child,
             _dir: dir,
@@ -306,6 +536,9 @@ impl Registry {
         );
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(t) = &self.bearer {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
         }
         if let Some((u, p)) = &self.auth {
             use base64::Engine as _;
