@@ -37,6 +37,10 @@ fn boots_to_agent_hello_and_powers_off() {
         .read_file("/sys/fs/cgroup/cgroup.controllers")
         .expect("cgroup2");
     assert!(String::from_utf8_lossy(&controllers).contains("memory"));
+    // Syscalls container workloads expect are in the kernel (inotify here).
+    agent
+        .read_file("/proc/sys/fs/inotify/max_user_watches")
+        .expect("inotify in the guest kernel");
     // exec runs a program and returns its status and output.
     let out = agent
         .exec(isola_proto::guest::ExecRequest {
