@@ -878,6 +878,89 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"new");
     }
 
+    /// Archives made by GNU tar (gnu and pax formats: long names, long link targets,
+    /// hard links, xattrs, fifos, set-id modes, owners) unpack to the same tree.
+    #[test]
+    fn gnu_tar_archives_round_trip() {
+        use std::os::unix::fs::PermissionsExt;
+        let src = tempfile::tempdir().unwrap();
+        let p = src.path();
+        let long_dir = "d".repeat(120);
+        let long_name = format!("{long_dir}/{}", "f".repeat(150));
+        std::fs::create_dir_all(p.join(&long_dir)).unwrap();
+        std::fs::write(p.join(&long_name), b"long\n").unwrap();
+        std::fs::write(p.join("plain"), b"plain\n").unwrap();
+        std::fs::hard_link(p.join("plain"), p.join("hard")).unwrap();
+        std::os::unix::fs::symlink(&long_name, p.join("longlink")).unwrap();
+        std::fs::write(p.join("\u{e9}t\u{e9}"), b"utf8\n").unwrap();
+        std::os::unix::fs::chown(p.join("plain"), Some(123), Some(456)).unwrap();
+        std::fs::set_permissions(p.join("plain"), std::fs::Permissions::from_mode(0o4711)).unwrap();
+        let c = CString::new(p.join("plain").as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid C strings and a value buffer of the given length.
+        let rc =
+            unsafe { libc::lsetxattr(c.as_ptr(), c"user.k".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        assert_eq!(rc, 0);
+        let fifo = CString::new(p.join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+        for format in ["gnu", "pax"] {
+            let mut cmd = std::process::Command::new("tar");
+            if format == "pax" {
+                cmd.args(["--xattrs", "--xattrs-include=*"]);
+            }
+            let out = cmd
+                .args(["--numeric-owner", "-C"])
+                .arg(p)
+                .args([&format!("--format={format}"), "-cf", "-", "."])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (dir, r) = unpack(&out.stdout);
+            r.unwrap_or_else(|e| panic!("{format}: {e}"));
+            let d = dir.path();
+            assert_eq!(
+                std::fs::read(d.join(&long_name)).unwrap(),
+                b"long\n",
+                "{format}"
+            );
+            assert_eq!(
+                std::fs::read_link(d.join("longlink")).unwrap(),
+                Path::new(&long_name)
+            );
+            let a = std::fs::metadata(d.join("plain")).unwrap();
+            assert_eq!(
+                a.ino(),
+                std::fs::metadata(d.join("hard")).unwrap().ino(),
+                "{format}"
+            );
+            assert_eq!(a.permissions().mode() & 0o7777, 0o4711, "{format}");
+            assert_eq!((a.uid(), a.gid()), (123, 456), "{format}");
+            assert_eq!(std::fs::read(d.join("\u{e9}t\u{e9}")).unwrap(), b"utf8\n");
+            assert!(std::fs::symlink_metadata(d.join("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo());
+            if format == "pax" {
+                let c = CString::new(d.join("plain").as_os_str().as_bytes()).unwrap();
+                let mut buf = [0u8; 4];
+                // SAFETY: valid C strings and a buffer of the given size.
+                let n = unsafe {
+                    libc::lgetxattr(
+                        c.as_ptr(),
+                        c"user.k".as_ptr(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                assert_eq!(n, 1, "xattr carried by pax");
+            }
+        }
+    }
+
     #[test]
     fn clean_path_resolves_lexically() {
         assert_eq!(clean_path(b"./a/./b/").unwrap(), vec!["a", "b"]);
