@@ -1,9 +1,11 @@
 //! A small QMP (QEMU Machine Protocol) client over QEMU's unix socket.
 //!
 //! Hand-written: we send three commands (`qmp_capabilities`, `query-status`, `quit`) and
-//! read line-delimited JSON. The `qapi` crate generates types for QEMU's whole schema,
-//! a large dependency for that, and its async variant wants tokio; serde_json over a
-//! `UnixStream` is ~80 lines we fully control.
+//! read line-delimited JSON. The `qapi` crate (qapi-rs) carries generated types for
+//! QEMU's whole schema (qapi-qmp), a large dependency for three commands, and its
+//! non-blocking mode is tokio-based; the `qmp` crate is young (0.1) and async-only.
+//! serde_json over a `UnixStream` is ~100 lines we fully control, in a layer that is
+//! otherwise synchronous.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
