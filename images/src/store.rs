@@ -58,6 +58,10 @@ impl std::fmt::Debug for ImageStore {
 #[derive(Deserialize)]
 struct ConfigBlob {
     #[serde(default)]
+    architecture: Option<String>,
+    #[serde(default)]
+    os: Option<String>,
+    #[serde(default)]
     rootfs: Option<RootFs>,
     #[serde(default)]
     config: Option<crate::ImageConfig>,
@@ -184,6 +188,15 @@ impl ImageStore {
                 reference: r.to_string(),
                 detail: format!("image config: {e}"),
             })?;
+        // A single-platform manifest is taken as it is; its config says what it runs on.
+        let arch = blob.architecture.as_deref().unwrap_or_default();
+        let os = blob.os.as_deref().unwrap_or_default();
+        if !matches!(arch, "" | "amd64") || !matches!(os, "" | "linux") {
+            return Err(Error::Unsupported {
+                reference: r.to_string(),
+                detail: format!("the image is for {os}/{arch}; this node runs linux/amd64"),
+            });
+        }
         let diff_ids = blob.rootfs.map(|r| r.diff_ids).unwrap_or_default();
         if diff_ids.len() != res.layers.len() {
             return Err(Error::Unsupported {

@@ -304,6 +304,15 @@ async fn indexes_resolve_to_linux_amd64() {
     assert!(matches!(err, Error::Unsupported { .. }), "{err}");
     assert!(err.to_string().contains("linux/amd64"), "{err}");
     let _ = only_arm;
+    // A single-platform manifest for another platform is refused too, before any layer
+    // is fetched.
+    let err = store
+        .pull(&reg.image("test/multi", "arm64"), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("linux/arm64"), "{err}");
+    assert_eq!(reg.blob_gets("test/multi", &arm.layer_digests[0]), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,9 +473,9 @@ async fn bearer_tokens_anonymous_and_from_an_identity_token() {
     let public = reg
         .push_image("pub/img", "1", &arch_image("amd64"))
         .unwrap();
-    let private = reg
-        .push_image("priv/img", "1", &arch_image("arm64"))
-        .unwrap();
+    let mut private_spec = arch_image("amd64");
+    private_spec.config = serde_json::json!({ "Cmd": ["private"] });
+    let private = reg.push_image("priv/img", "1", &private_spec).unwrap();
     let (_dir, store) = store_for(&[&reg]);
 
     // Anonymous bearer token, as Docker Hub hands out.
@@ -600,7 +609,11 @@ async fn mirrors_are_tried_first() {
         .unwrap();
     // The mirror has the same repository with other content.
     let mirrored = mirror
-        .push_image("test/m", "1", &arch_image("mirror"))
+        .push_image("test/m", "1", &{
+            let mut on_mirror = arch_image("amd64");
+            on_mirror.layers[0].0 = Tar::new().file("arch", b"mirror\n", 0o644).finish();
+            on_mirror
+        })
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut config = RegistryConfig {
