@@ -961,6 +961,21 @@ pub(crate) mod tests {
         }
     }
 
+    /// Unpacks the layer blob named by `ISOLA_SAMPLE_LAYER` and prints the time: a check
+    /// of speed and of real-world archives. `cargo test --release -p isola-images --lib
+    /// sample -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn sample_layer_from_env() {
+        let Some(path) = std::env::var_os("ISOLA_SAMPLE_LAYER") else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let t = std::time::Instant::now();
+        let u = unpack_layer(Path::new(&path), "sample", dir.path()).unwrap();
+        println!("unpacked {} in {:?}", u.diff_id, t.elapsed());
+    }
+
     #[test]
     fn clean_path_resolves_lexically() {
         assert_eq!(clean_path(b"./a/./b/").unwrap(), vec!["a", "b"]);
