@@ -129,7 +129,23 @@ impl ImageStore {
     pub async fn pull(&self, reference: &str, creds: Option<Credentials>) -> Result<ImageRecord> {
         let r = Reference::parse(reference)?;
         let span = tracing::info_span!("pull", image = %r);
-        self.pull_inner(r, creds).instrument(span).await
+        let res = self.pull_inner(r, creds).instrument(span.clone()).await;
+        if res.is_err() {
+            // Complete layers of a failed pull are unreferenced: collect them once no
+            // pull is running, without making this caller wait for that.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let store = self.clone();
+                handle.spawn(
+                    async move {
+                        if let Err(e) = store.gc().await {
+                            tracing::warn!(error = %e, "garbage collection after a failed pull");
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        res
     }
 
     async fn pull_inner(&self, r: Reference, creds: Option<Credentials>) -> Result<ImageRecord> {
