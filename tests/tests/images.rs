@@ -335,6 +335,19 @@ async fn pull_errors_map_to_grpc_codes() {
     let store = agent.root().join("images");
     assert!(dir_entries(&store.join("tmp")).is_empty());
     assert!(!agent.root().join("escape-e2e").exists());
+    // The good first layer of the hostile image and the corrupt image's config go too.
+    let layers = store.join("layers");
+    let blobs = store.join("blobs/sha256");
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || {
+            let (l, b) = (layers.clone(), blobs.clone());
+            async move { dir_entries(&l).is_empty() && dir_entries(&b).is_empty() }
+        })
+        .await,
+        "nothing of the failed pulls stays: {:?} {:?}",
+        dir_entries(&layers),
+        dir_entries(&blobs)
+    );
 }
 
 /// Pull time of a ≥50 MB multi-layer image through the CRI socket. Run with
