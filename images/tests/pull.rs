@@ -601,6 +601,44 @@ async fn concurrent_pulls_share_one_download() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_shared_by_two_images_is_fetched_once() {
+    let reg = Registry::start().unwrap();
+    let base = Tar::new()
+        .dir("bin/", 0o755)
+        .file("bin/busybox", &registry::busybox().unwrap(), 0o755)
+        .finish();
+    let top = |n: &str| Tar::new().file("name", n.as_bytes(), 0o644).finish();
+    let a = ImageSpec::new(vec![
+        (base.clone(), Compression::Gzip),
+        (top("a"), Compression::Gzip),
+    ]);
+    let b = ImageSpec::new(vec![
+        (base, Compression::Gzip),
+        (top("b"), Compression::Gzip),
+    ]);
+    let pa = reg.push_image("test/share-a", "1", &a).unwrap();
+    let pb = reg.push_image("test/share-b", "1", &b).unwrap();
+    assert_eq!(pa.layer_digests[0], pb.layer_digests[0]);
+    let (_dir, store) = store_for(&[&reg]);
+    let (ia, ib) = tokio::join!(
+        store.pull(&pa.reference, None),
+        store.pull(&pb.reference, None)
+    );
+    let (ia, ib) = (ia.unwrap(), ib.unwrap());
+    assert_eq!(ia.chain_ids[0], ib.chain_ids[0]);
+    let shared = &pa.layer_digests[0];
+    let gets = reg.blob_gets("test/share-a", shared) + reg.blob_gets("test/share-b", shared);
+    assert_eq!(gets, 1, "the shared layer is fetched once");
+    // Removing one image keeps the shared layer for the other.
+    store.remove(&ia.id).await.unwrap();
+    assert!(store
+        .layer_path(&ib.chain_ids[0])
+        .join("bin/busybox")
+        .exists());
+    assert!(!store.layer_path(&ia.chain_ids[1]).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mirrors_are_tried_first() {
     let upstream = Registry::start().unwrap();
     let mirror = Registry::start().unwrap();
