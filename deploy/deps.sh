@@ -8,7 +8,7 @@ build=(build-essential pkg-config protobuf-compiler libseccomp-dev libcap-ng-dev
 # Runtime: iproute2/iptables for pod networks; the CNI plugins; QEMU for vm pods.
 runtime=(iproute2 iptables containernetworking-plugins qemu-system-x86)
 # Tests: a real registry, busybox to build images from, htpasswd for registry auth.
-tests=(docker-registry busybox-static apache2-utils)
+tests=(docker-registry busybox-static apache2-utils openssl)
 pkgs=("${build[@]}")
 case "$what" in
     build) pkgs+=("${runtime[@]}") ;;

@@ -5,6 +5,7 @@ pub mod classes;
 pub mod config;
 pub mod cri;
 pub mod ids;
+pub mod leftovers;
 pub mod records;
 pub mod rollback;
 pub mod runtime;

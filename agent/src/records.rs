@@ -172,6 +172,12 @@ pub struct ContainerRecord {
     pub message: String,
     /// Absolute log path on the host, empty for none.
     pub log_path: String,
+    /// The container's cgroup (cgroupfs path), as its shim reported it.
+    #[serde(default)]
+    pub cgroup_path: String,
+    /// Pid of its init process (on the host, for native pods).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 impl ContainerRecord {
@@ -534,6 +540,8 @@ mod tests {
             reason: String::new(),
             message: String::new(),
             log_path: String::new(),
+            cgroup_path: String::new(),
+            pid: 0,
         }
     }
 

@@ -112,7 +112,8 @@ impl Runtime {
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(sandbox_id.to_owned(), client);
+            .insert(sandbox_id.to_owned(), client.clone());
+        self.follow_shim_events(sandbox_id, client);
         let rt = Arc::clone(self);
         let id = sandbox_id.to_owned();
         let span = tracing::info_span!("shim_watch", pod = %id, shim_pid = record.pid);
@@ -123,6 +124,77 @@ impl Runtime {
             }
             .instrument(span),
         );
+    }
+
+    /// Follows a shim's events: a container that exits on its own is recorded EXITED with
+    /// its code and reason. After subscribing, the state of every container the records
+    /// think alive is fetched once, so that exits while nobody listened (an agent
+    /// restart) are not missed.
+    fn follow_shim_events(self: &Arc<Self>, sandbox_id: &str, mut client: Client) {
+        let rt = Arc::clone(self);
+        let id = sandbox_id.to_owned();
+        let span = tracing::info_span!("shim_events", pod = %id);
+        tokio::spawn(
+            async move {
+                let stream = client.events(isola_proto::shim::EventsRequest {}).await;
+                for c in rt.records.containers_of(&id) {
+                    if matches!(c.state, ContainerState::Created | ContainerState::Running) {
+                        if let Ok(resp) = client
+                            .container_state(isola_proto::shim::ContainerStateRequest {
+                                container_id: c.id.clone(),
+                            })
+                            .await
+                        {
+                            if let Some(st) = resp.into_inner().status {
+                                rt.on_container_status(&id, st).await;
+                            }
+                        }
+                    }
+                }
+                let Ok(stream) = stream else { return };
+                let mut stream = stream.into_inner();
+                while let Ok(Some(ev)) = stream.message().await {
+                    if ev.r#type == isola_proto::shim::EventType::ContainerExited as i32 {
+                        if let Some(st) = ev.status {
+                            rt.on_container_status(&id, st).await;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Records a container's exit reported by its shim.
+    async fn on_container_status(&self, sandbox_id: &str, st: isola_proto::shim::ContainerStatus) {
+        if st.state != isola_proto::shim::ContainerState::Exited as i32 {
+            return;
+        }
+        let _guard = self.lock_pod(sandbox_id).await;
+        let Some(mut c) = self.records.container(&st.container_id) else {
+            return;
+        };
+        if !matches!(c.state, ContainerState::Created | ContainerState::Running) {
+            return;
+        }
+        c.state = ContainerState::Exited;
+        c.exit_code = st.exit_code;
+        c.reason = st.reason;
+        c.message = st.message;
+        c.finished_at_ns = if st.finished_at_ns > 0 {
+            st.finished_at_ns
+        } else {
+            now_ns()
+        };
+        if c.started_at_ns == 0 && st.started_at_ns > 0 {
+            c.started_at_ns = st.started_at_ns;
+        }
+        let cid = c.id.clone();
+        if let Err(e) = self.records.put_container(c).await {
+            warn!(container = %cid, error = %e, "recording a container's exit");
+            return;
+        }
+        self.emit_container_event(&cid, cri::ContainerEventType::ContainerStoppedEvent);
     }
 
     /// Drops a shim's client (it was shut down on purpose).

@@ -116,7 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => info!("SIGTERM: shutting down"),
             _ = sigint.recv() => info!("SIGINT: shutting down"),
         }
-        let _ = shutdown_tx.send(true);
+        shutdown_tx.send_replace(true);
     });
 
     let runtime_svc = RuntimeServiceServer::new(RuntimeServer::new(rt.clone()))

@@ -13,6 +13,7 @@ use isola_proto::cri::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod fixtures;
 pub mod registry;
 
 /// A CRI runtime client.
@@ -239,8 +240,17 @@ impl Agent {
         out
     }
 
-    /// Asserts nothing of a removed pod is left: no shim processes, no pod state dirs.
+    /// Asserts nothing of a removed pod is left: no shim processes, no pod state dirs,
+    /// no mounts under the agent's directories.
     pub fn assert_no_leaks(&self) {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|p| p.starts_with(&needle))
+            .collect();
+        assert!(mounts.is_empty(), "leaked mounts: {mounts:?}");
         let procs = self.processes();
         assert!(procs.is_empty(), "leaked processes: {procs:?}");
         let pods = self.state().join("pods");
@@ -265,18 +275,130 @@ pub fn alive(pid: u32) -> bool {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The evidence of a failed test: the agent's log and every shim's.
+            eprintln!("---- isolad log ----\n{}", self.log());
+            if let Ok(d) = std::fs::read_dir(self.state().join("pods")) {
+                for e in d.flatten() {
+                    let log =
+                        std::fs::read_to_string(e.path().join("shim.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                    eprintln!(
+                        "---- shim log {} ----\n{}",
+                        e.file_name().to_string_lossy(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Never leave shims of a failed test behind.
+        // Never leave anything of a failed test behind: shims, the pods' infra and
+        // container processes (found by pod id and cgroup), mounts, cgroups.
         for pid in self.processes() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            kill9(pid);
+        }
+        let pods: Vec<String> = std::fs::read_dir(self.state().join("pods"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for pod in &pods {
+            for pid in pids_matching(&format!("pause --id {pod}")) {
+                kill9(pid);
+            }
+            for _ in 0..3 {
+                for h in ["memory", "pids", ""] {
+                    let dir = std::path::Path::new("/sys/fs/cgroup")
+                        .join(h)
+                        .join("isola")
+                        .join(pod);
+                    for pid in cgroup_procs_recursive(&dir) {
+                        kill9(pid);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|p| p.starts_with(&needle))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        for pod in &pods {
+            if let Ok(hs) = std::fs::read_dir("/sys/fs/cgroup") {
+                for h in hs.flatten() {
+                    remove_cgroup_tree(&h.path().join("isola").join(pod));
+                }
+            }
+            remove_cgroup_tree(&std::path::Path::new("/sys/fs/cgroup/isola").join(pod));
         }
     }
+}
+
+fn kill9(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Pids whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(d) = std::fs::read_dir("/proc") {
+        for e in d.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                if String::from_utf8_lossy(&cmd)
+                    .replace('\0', " ")
+                    .contains(needle)
+                {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn cgroup_procs_recursive(dir: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    if let Ok(d) = std::fs::read_dir(dir) {
+        for e in d.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                out.extend(cgroup_procs_recursive(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(d) = std::fs::read_dir(dir) {
+        for e in d.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// A pod config with fresh identity.

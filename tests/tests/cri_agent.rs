@@ -611,14 +611,14 @@ async fn malformed_requests_are_invalid_argument() {
         .expect_err("empty id");
     assert_eq!(err.code(), Code::InvalidArgument);
 
-    // A valid request whose capability is not built answers Unimplemented, saying what
-    // is missing, and leaves nothing behind.
+    // A valid request for an image that was never pulled: NotFound naming the image,
+    // and nothing left behind.
     let err = rt
         .create_container(create(&pod, good))
         .await
-        .expect_err("no images yet");
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("image"), "{}", err.message());
+        .expect_err("image not pulled");
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("busybox"), "{}", err.message());
     let cs = rt
         .list_containers(cri::ListContainersRequest { filter: None })
         .await
@@ -633,19 +633,6 @@ async fn malformed_requests_are_invalid_argument() {
 async fn unbuilt_capabilities_answer_unimplemented() {
     let agent = Agent::start().await;
     let mut rt = agent.runtime().await;
-    let mut images = agent.images().await;
-    let err = images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec {
-                image: "busybox".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .expect_err("pull");
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(!err.message().is_empty());
     let err = rt
         .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
         .await

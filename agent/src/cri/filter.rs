@@ -206,6 +206,8 @@ mod tests {
             reason: String::new(),
             message: String::new(),
             log_path: String::new(),
+            cgroup_path: String::new(),
+            pid: 0,
         }
     }
 

@@ -29,13 +29,18 @@ impl Runtime {
             self.release_container_resources(&c).await?;
         }
         let dir = self.config.pod_state_dir(&sb.id);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(CriError::Internal(format!(
-                "removing pod state {}: {e}",
-                dir.display()
-            ))),
+        tokio::task::spawn_blocking(move || {
+            match crate::leftovers::unmount_under(&dir)
+                .map_err(std::io::Error::other)
+                .and_then(|_| std::fs::remove_dir_all(&dir))
+            {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(CriError::Internal(format!(
+                    "removing pod state {}: {e}",
+                    dir.display()
+                ))),
+            }
         })
         .await
         .map_err(|e| CriError::Internal(format!("removing pod state: {e}")))??;

@@ -208,6 +208,9 @@ impl Runtime {
         .into_inner();
         let mut info: std::collections::BTreeMap<String, String> = resp.info.into_iter().collect();
         info.insert("pid".into(), resp.pid.to_string());
+        if !resp.cgroup_path.is_empty() {
+            info.insert("cgroupPath".into(), resp.cgroup_path.clone());
+        }
         let record = SandboxRecord {
             id: id.to_owned(),
             config: config.clone(),

@@ -15,6 +15,21 @@ const STOP_SANDBOX_TIMEOUT: Duration = Duration::from_secs(60);
 const SHIM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Runtime {
+    /// The shim is gone: kill and unmount what it left (its pod's processes, mounts and
+    /// cgroups), so that Stop and Remove still clean up.
+    pub(crate) async fn clean_after_dead_shim(&self, sb: &SandboxRecord) {
+        if sb.shim_kind != crate::classes::ShimKind::Native {
+            return;
+        }
+        let sb2 = sb.clone();
+        let containers = self.records.containers_of(&sb.id);
+        let dir = self.config.pod_state_dir(&sb.id);
+        let _ = tokio::task::spawn_blocking(move || {
+            crate::leftovers::clean_native_pod(&sb2, &containers, &dir)
+        })
+        .await;
+    }
+
     /// StopPodSandbox.
     pub async fn stop_pod_sandbox(
         self: &Arc<Self>,
@@ -33,9 +48,17 @@ impl Runtime {
     /// Stops a sandbox whose pod lock the caller holds.
     pub(crate) async fn stop_sandbox_locked(&self, sb: &mut SandboxRecord) -> Result<(), CriError> {
         if sb.state == SandboxState::NotReady && sb.shim.is_none() {
+            if sb.reason.starts_with(crate::runtime::REASON_SHIM_EXITED) {
+                // Idempotent: kills and unmounts only what is still there.
+                self.clean_after_dead_shim(sb).await;
+            }
             return Ok(());
         }
         let mut finals: std::collections::HashMap<String, sp::ContainerStatus> = Default::default();
+        let shim_was_alive = sb
+            .shim
+            .as_ref()
+            .is_some_and(|rec| shim::record_alive(rec) && self.client(&sb.id).is_some());
         if let Some(rec) = sb.shim.clone() {
             match self.client(&sb.id) {
                 Some(mut client) if shim::record_alive(&rec) => {
@@ -100,6 +123,9 @@ impl Runtime {
                 _ => shim::kill(&rec, nix::sys::signal::Signal::SIGKILL),
             }
             self.release_shim(&sb.id);
+        }
+        if !shim_was_alive {
+            self.clean_after_dead_shim(sb).await;
         }
         let now = now_ns();
         let mut changed = Vec::new();

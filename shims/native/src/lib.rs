@@ -1,5 +1,9 @@
 //! `isola-shim-native`: one process per native pod, serving the shim API
-//! (proto/shim.proto) on a unix socket for the agent.
+//! (proto/shim.proto) on a unix socket for the agent. The pod's namespaces are held by an
+//! infra process ([`pause`]); containers run through libcontainer ([`containers`]).
 
+pub mod containers;
 pub mod daemon;
+pub mod pause;
+pub mod sandbox;
 pub mod service;

@@ -32,6 +32,10 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("pause") {
+        isola_shim_native::pause::main(&args[2..]);
+    }
     let cli = Cli::parse();
     let mut d = daemon::daemonize(&cli.socket)?;
     let log = std::fs::OpenOptions::new()
@@ -65,7 +69,7 @@ fn main() -> anyhow::Result<()> {
             .context("adopting the socket")?;
         let (tx, mut rx) = watch::channel(false);
         let mut stopped = rx.clone();
-        let shim = NativeShim::new(cli.id.clone(), tx);
+        let shim = NativeShim::new(cli.id.clone(), cli.state_dir.clone(), tx);
         d.ready()?;
         tracing::info!(pod = %cli.id, pid = std::process::id(), "shim serving");
         let serve = tonic::transport::Server::builder()

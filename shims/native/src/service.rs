@@ -1,22 +1,22 @@
 //! The shim API served for one native pod.
-//!
-//! The sandbox itself (pod namespaces held by an infra process, the pod cgroup) and the
-//! containers (libcontainer from an OCI spec) are not built yet: those calls answer
-//! Unimplemented naming what is missing. Lifecycle, events and shutdown are real.
 
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use isola_container::spec::SpecOptions;
+use isola_proto::cri;
 use isola_proto::shim::shim_server::Shim;
 use isola_proto::shim::*;
 use isola_proto::SHIM_API_VERSION;
+use prost::Message;
 use tokio::sync::{broadcast, watch};
 use tonic::{Request, Response, Status};
-use tracing::{info, instrument};
+use tracing::{info, instrument, warn};
 
-const NO_CONTAINERS: &str =
-    "native containers (OCI spec, namespaces, cgroups via libcontainer) are not built yet";
+use crate::containers::{cgroup_stats, has_cap_sys_resource, Containers};
+use crate::sandbox::Sandbox;
 
 fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -25,66 +25,124 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-#[derive(Debug, Clone)]
-struct Sandbox {
-    id: String,
-    state: SandboxState,
-}
-
-/// The shim service of one pod.
-pub struct NativeShim {
+struct Inner {
     sandbox_id: String,
+    state_dir: PathBuf,
     sandbox: Mutex<Option<Sandbox>>,
+    ready: Mutex<bool>,
+    containers: Mutex<Option<Arc<Containers>>>,
     events: broadcast::Sender<Event>,
     shutdown: watch::Sender<bool>,
 }
 
+/// The shim service of one pod.
+#[derive(Clone)]
+pub struct NativeShim {
+    inner: Arc<Inner>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker thread: {e}")))
+}
+
 impl NativeShim {
-    /// A shim for `sandbox_id`; `shutdown` turns true when the agent asks it to exit.
-    pub fn new(sandbox_id: String, shutdown: watch::Sender<bool>) -> NativeShim {
-        let (events, _) = broadcast::channel(256);
+    /// A shim for `sandbox_id` with its state under `state_dir`; `shutdown` turns true
+    /// when the agent asks it to exit.
+    pub fn new(
+        sandbox_id: String,
+        state_dir: PathBuf,
+        shutdown: watch::Sender<bool>,
+    ) -> NativeShim {
+        let (events, _) = broadcast::channel(1024);
         NativeShim {
-            sandbox_id,
-            sandbox: Mutex::new(None),
-            events,
-            shutdown,
+            inner: Arc::new(Inner {
+                sandbox_id,
+                state_dir,
+                sandbox: Mutex::new(None),
+                ready: Mutex::new(false),
+                containers: Mutex::new(None),
+                events,
+                shutdown,
+            }),
         }
     }
 
-    fn sandbox(&self) -> std::sync::MutexGuard<'_, Option<Sandbox>> {
-        self.sandbox.lock().unwrap_or_else(|p| p.into_inner())
+    fn containers(&self) -> Result<Arc<Containers>, Status> {
+        self.inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the pod sandbox is not created"))
+    }
+
+    fn ready(&self) -> bool {
+        *self.inner.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn status(&self) -> SandboxStatusResponse {
-        let sb = self.sandbox().clone();
+        let sb = self.inner.sandbox.lock().unwrap_or_else(|p| p.into_inner());
         SandboxStatusResponse {
-            state: sb.map(|s| s.state).unwrap_or(SandboxState::NotReady) as i32,
-            pid: 0,
+            state: if self.ready() {
+                SandboxState::Ready
+            } else {
+                SandboxState::NotReady
+            } as i32,
+            pid: sb.as_ref().map(|s| s.infra_pid as u32).unwrap_or(0),
             reason: String::new(),
             info: Default::default(),
         }
     }
 
     fn check_id(&self, id: &str) -> Result<(), Status> {
-        if id != self.sandbox_id {
+        if id != self.inner.sandbox_id {
             return Err(Status::invalid_argument(format!(
                 "this shim serves pod sandbox {}, not {id}",
-                self.sandbox_id
+                self.inner.sandbox_id
             )));
         }
         Ok(())
+    }
+
+    /// Stops everything of the pod (blocking). Idempotent.
+    fn stop_all(inner: &Inner) {
+        let containers = inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(c) = containers {
+            c.kill_all_and_release();
+        }
+        if let Some(sb) = inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            sb.destroy();
+        }
+        let was = std::mem::replace(
+            &mut *inner.ready.lock().unwrap_or_else(|p| p.into_inner()),
+            false,
+        );
+        if was {
+            let _ = inner.events.send(Event {
+                r#type: EventType::SandboxStopped as i32,
+                container_id: String::new(),
+                timestamp_ns: now_ns(),
+                status: None,
+            });
+        }
     }
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn no_containers<T>(call: &str) -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(format!("{call}: {NO_CONTAINERS}")))
-}
-
 #[tonic::async_trait]
 impl Shim for NativeShim {
-    #[instrument(skip_all, fields(pod = %self.sandbox_id))]
     async fn hello(
         &self,
         request: Request<HelloRequest>,
@@ -95,68 +153,113 @@ impl Shim for NativeShim {
                 "agent speaks shim API v{want}, this shim v{SHIM_API_VERSION}"
             )));
         }
+        let containers = self
+            .containers()
+            .map(|c| c.all().iter().map(|c| c.status()).collect())
+            .unwrap_or_default();
         Ok(Response::new(HelloResponse {
             api_version: SHIM_API_VERSION,
             shim_kind: "native".into(),
             shim_version: env!("CARGO_PKG_VERSION").into(),
             shim_pid: std::process::id(),
-            sandbox_id: self.sandbox_id.clone(),
+            sandbox_id: self.inner.sandbox_id.clone(),
             sandbox: Some(self.status()),
-            containers: vec![],
+            containers,
         }))
     }
 
-    #[instrument(skip_all, fields(pod = %self.sandbox_id))]
+    #[instrument(skip_all, fields(pod = %self.inner.sandbox_id))]
     async fn create_sandbox(
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<CreateSandboxResponse>, Status> {
         let req = request.into_inner();
         self.check_id(&req.sandbox_id)?;
-        let mut sb = self.sandbox();
-        if sb.is_some() {
+        if self
+            .inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
             return Err(Status::already_exists(format!(
                 "pod sandbox {} is already created",
                 req.sandbox_id
             )));
         }
-        *sb = Some(Sandbox {
-            id: req.sandbox_id,
-            state: SandboxState::Ready,
-        });
-        info!("sandbox created");
-        Ok(Response::new(CreateSandboxResponse {
-            pid: std::process::id(),
-            info: [("shim".to_string(), "native".to_string())].into(),
-        }))
+        let config = cri::PodSandboxConfig::decode(req.pod_config.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("pod_config: {e}")))?;
+        let settings: serde_json::Value =
+            serde_json::from_str(if req.class_settings_json.is_empty() {
+                "{}"
+            } else {
+                &req.class_settings_json
+            })
+            .map_err(|e| Status::invalid_argument(format!("class_settings_json: {e}")))?;
+        let restrict = match settings.get("restrict_oom_score_adj") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            _ => !has_cap_sys_resource(),
+        };
+        let systemd = req.cgroup_parent.ends_with(".slice");
+        let id = req.sandbox_id.clone();
+        let state_dir = if req.state_dir.is_empty() {
+            self.inner.state_dir.clone()
+        } else {
+            PathBuf::from(&req.state_dir)
+        };
+        let netns = req.netns_path.clone();
+        let sd = state_dir.clone();
+        let sb = blocking(move || Sandbox::create(&id, config, &sd, &netns))
+            .await?
+            .map_err(|e| match e {
+                crate::sandbox::SandboxError::Invalid(m) => Status::invalid_argument(m),
+                other => Status::internal(other.to_string()),
+            })?;
+        let resp = CreateSandboxResponse {
+            pid: sb.infra_pid.max(0) as u32,
+            info: [
+                ("infraPid".to_string(), sb.infra_pid.to_string()),
+                (
+                    "netns".to_string(),
+                    sb.ctx
+                        .netns
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "host".into()),
+                ),
+                ("restrictOomScoreAdj".to_string(), restrict.to_string()),
+            ]
+            .into(),
+            cgroup_path: sb.cgroup_parent.clone(),
+        };
+        let containers = Containers::new(
+            &state_dir.join("runtime"),
+            SpecOptions {
+                restrict_oom_score_adj: restrict,
+                systemd_cgroup: systemd,
+            },
+            self.inner.events.clone(),
+        );
+        *self
+            .inner
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(containers));
+        *self.inner.sandbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(sb);
+        *self.inner.ready.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        info!(infra_pid = resp.pid, "sandbox created");
+        Ok(Response::new(resp))
     }
 
-    #[instrument(skip_all, fields(pod = %self.sandbox_id))]
+    #[instrument(skip_all, fields(pod = %self.inner.sandbox_id))]
     async fn stop_sandbox(
         &self,
         request: Request<StopSandboxRequest>,
     ) -> Result<Response<StopSandboxResponse>, Status> {
-        let req = request.into_inner();
-        self.check_id(&req.sandbox_id)?;
-        let stopped = {
-            let mut sb = self.sandbox();
-            match sb.as_mut() {
-                Some(s) if s.state == SandboxState::Ready => {
-                    s.state = SandboxState::NotReady;
-                    Some(s.id.clone())
-                }
-                _ => None,
-            }
-        };
-        if stopped.is_some() {
-            info!("sandbox stopped");
-            let _ = self.events.send(Event {
-                r#type: EventType::SandboxStopped as i32,
-                container_id: String::new(),
-                timestamp_ns: now_ns(),
-                status: None,
-            });
-        }
+        self.check_id(&request.into_inner().sandbox_id)?;
+        let inner = self.inner.clone();
+        blocking(move || NativeShim::stop_all(&inner)).await?;
+        info!("sandbox stopped");
         Ok(Response::new(StopSandboxResponse {}))
     }
 
@@ -168,56 +271,97 @@ impl Shim for NativeShim {
         Ok(Response::new(self.status()))
     }
 
+    #[instrument(skip_all, fields(pod = %self.inner.sandbox_id, container = %request.get_ref().container_id))]
     async fn create_container(
         &self,
-        _r: Request<CreateContainerRequest>,
+        request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
-        no_containers("CreateContainer")
+        let req = request.into_inner();
+        if !self.ready() {
+            return Err(Status::failed_precondition("the pod sandbox is not ready"));
+        }
+        let containers = self.containers()?;
+        let ctx = self
+            .inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.ctx.clone())
+            .ok_or_else(|| Status::failed_precondition("the pod sandbox is not created"))?;
+        let pod_state = self.inner.state_dir.clone();
+        let c = blocking(move || containers.create(&req, &ctx, &pod_state)).await??;
+        let st = c.status();
+        Ok(Response::new(CreateContainerResponse {
+            pid: st.pid,
+            cgroup_path: c.cgroups_path.clone(),
+        }))
     }
 
+    #[instrument(skip_all, fields(container = %request.get_ref().container_id))]
     async fn start_container(
         &self,
-        _r: Request<StartContainerRequest>,
+        request: Request<StartContainerRequest>,
     ) -> Result<Response<StartContainerResponse>, Status> {
-        no_containers("StartContainer")
+        let id = request.into_inner().container_id;
+        let containers = self.containers()?;
+        let pid = blocking(move || containers.start(&id)).await??;
+        Ok(Response::new(StartContainerResponse { pid }))
     }
 
+    #[instrument(skip_all, fields(container = %request.get_ref().container_id))]
     async fn kill_container(
         &self,
-        _r: Request<KillContainerRequest>,
+        request: Request<KillContainerRequest>,
     ) -> Result<Response<KillContainerResponse>, Status> {
-        no_containers("KillContainer")
+        let r = request.into_inner();
+        let containers = self.containers()?;
+        blocking(move || containers.kill(&r.container_id, r.signal, r.all)).await??;
+        Ok(Response::new(KillContainerResponse {}))
     }
 
     async fn wait_container(
         &self,
-        _r: Request<WaitContainerRequest>,
+        request: Request<WaitContainerRequest>,
     ) -> Result<Response<WaitContainerResponse>, Status> {
-        no_containers("WaitContainer")
+        let c = self.containers()?.get(&request.into_inner().container_id)?;
+        Ok(Response::new(WaitContainerResponse {
+            status: Some(c.wait().await),
+        }))
     }
 
     async fn container_state(
         &self,
         request: Request<ContainerStateRequest>,
     ) -> Result<Response<ContainerStateResponse>, Status> {
-        Err(Status::not_found(format!(
-            "container {} is not known to this shim",
-            request.into_inner().container_id
-        )))
+        let c = self.containers()?.get(&request.into_inner().container_id)?;
+        Ok(Response::new(ContainerStateResponse {
+            status: Some(c.status()),
+        }))
     }
 
+    #[instrument(skip_all, fields(container = %request.get_ref().container_id))]
     async fn delete_container(
         &self,
-        _r: Request<DeleteContainerRequest>,
+        request: Request<DeleteContainerRequest>,
     ) -> Result<Response<DeleteContainerResponse>, Status> {
-        no_containers("DeleteContainer")
+        let id = request.into_inner().container_id;
+        let containers = self.containers()?;
+        blocking(move || containers.delete(&id)).await??;
+        Ok(Response::new(DeleteContainerResponse {}))
     }
 
+    #[instrument(skip_all, fields(container = %request.get_ref().container_id))]
     async fn exec_sync(
         &self,
-        _r: Request<ExecSyncRequest>,
+        request: Request<ExecSyncRequest>,
     ) -> Result<Response<ExecSyncResponse>, Status> {
-        no_containers("ExecSync")
+        let r = request.into_inner();
+        let containers = self.containers()?;
+        let resp =
+            blocking(move || containers.exec_sync(&r.container_id, r.cmd, r.timeout_seconds))
+                .await??;
+        Ok(Response::new(resp))
     }
 
     type ExecStream = Stream2<StreamOutput>;
@@ -226,7 +370,9 @@ impl Shim for NativeShim {
         &self,
         _r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        no_containers("Exec")
+        Err(Status::unimplemented(
+            "Exec streams (kubectl exec) are not built yet; ExecSync works",
+        ))
     }
 
     type AttachStream = Stream2<StreamOutput>;
@@ -235,7 +381,7 @@ impl Shim for NativeShim {
         &self,
         _r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        no_containers("Attach")
+        Err(Status::unimplemented("Attach streams are not built yet"))
     }
 
     type PortForwardStream = Stream2<PortForwardOutput>;
@@ -245,28 +391,75 @@ impl Shim for NativeShim {
         _r: Request<tonic::Streaming<PortForwardInput>>,
     ) -> Result<Response<Self::PortForwardStream>, Status> {
         Err(Status::unimplemented(
-            "PortForward: the pod's network namespace is not built yet",
+            "PortForward streams are not built yet",
         ))
     }
 
-    async fn stats(&self, _r: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        Err(Status::unimplemented(
-            "Stats: the pod cgroup is not built yet, so there is nothing to measure",
-        ))
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        let ids = request.into_inner().container_ids;
+        let containers = self.containers()?;
+        let parent = self
+            .inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.cgroup_parent.clone())
+            .unwrap_or_default();
+        let resp = blocking(move || {
+            let list = containers
+                .all()
+                .into_iter()
+                .filter(|c| ids.is_empty() || ids.contains(&c.id))
+                .map(|c| ContainerStats {
+                    container_id: c.id.clone(),
+                    cgroup: Some(cgroup_stats(&c.cgroups_path)),
+                    writable_layer_bytes: 0,
+                    writable_layer_inodes: 0,
+                })
+                .collect();
+            StatsResponse {
+                sandbox: Some(cgroup_stats(&parent)),
+                containers: list,
+                network: vec![],
+            }
+        })
+        .await?;
+        Ok(Response::new(resp))
     }
 
+    #[instrument(skip_all, fields(container = %request.get_ref().container_id))]
     async fn update_resources(
         &self,
-        _r: Request<UpdateResourcesRequest>,
+        request: Request<UpdateResourcesRequest>,
     ) -> Result<Response<UpdateResourcesResponse>, Status> {
-        no_containers("UpdateResources")
+        let r = request.into_inner();
+        let res = cri::LinuxContainerResources::decode(r.linux_resources.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("linux_resources: {e}")))?;
+        if r.container_id.is_empty() {
+            return Err(Status::unimplemented(
+                "updating pod-level resources is done by kubelet on the pod cgroup",
+            ));
+        }
+        let c = self.containers()?.get(&r.container_id)?;
+        let path = c.cgroups_path.clone();
+        blocking(move || isola_container::cgroups::update(&path, &res))
+            .await?
+            .map_err(|e| Status::internal(format!("updating cgroup: {e}")))?;
+        Ok(Response::new(UpdateResourcesResponse {}))
     }
 
     async fn reopen_log(
         &self,
-        _r: Request<ReopenLogRequest>,
+        request: Request<ReopenLogRequest>,
     ) -> Result<Response<ReopenLogResponse>, Status> {
-        no_containers("ReopenLog")
+        let id = request.into_inner().container_id;
+        let containers = self.containers()?;
+        blocking(move || containers.reopen_log(&id)).await??;
+        Ok(Response::new(ReopenLogResponse {}))
     }
 
     type EventsStream = Stream2<Event>;
@@ -275,22 +468,25 @@ impl Shim for NativeShim {
         &self,
         _r: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        let rx = self.events.subscribe();
+        let rx = self.inner.events.subscribe();
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
             .filter_map(|e| async move { e.ok().map(Ok) });
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[instrument(skip_all, fields(pod = %self.sandbox_id))]
+    #[instrument(skip_all, fields(pod = %self.inner.sandbox_id))]
     async fn shutdown(
         &self,
         request: Request<ShutdownRequest>,
     ) -> Result<Response<ShutdownResponse>, Status> {
         let now = request.into_inner().now;
         info!(now, "shutdown requested");
-        let _ = self.shutdown.send(true);
+        // Nothing of the pod may outlive its shim.
+        let inner = self.inner.clone();
+        if let Err(e) = blocking(move || NativeShim::stop_all(&inner)).await {
+            warn!(error = %e, "stopping before shutdown");
+        }
+        self.inner.shutdown.send_replace(true);
         Ok(Response::new(ShutdownResponse {}))
     }
 }
-
-use futures::StreamExt;

@@ -1,0 +1,264 @@
+//! Reading a container's cgroup: CPU, memory, pids, OOM kills; on cgroup v1 (per
+//! controller hierarchies) and v2 (unified). Paths are cgroupfs paths relative to the
+//! hierarchy root, as in the OCI spec's `cgroupsPath`.
+
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// Usage figures of one cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Cumulative CPU time, ns.
+    pub cpu_ns: u64,
+    /// Memory in use, bytes.
+    pub memory_usage: u64,
+    /// Usage less inactive file cache, as kubelet's working set.
+    pub working_set: u64,
+    /// Anonymous memory.
+    pub rss: u64,
+    /// Page faults.
+    pub page_faults: u64,
+    /// Major page faults.
+    pub major_page_faults: u64,
+    /// Processes.
+    pub pids: u64,
+    /// OOM kills in this cgroup so far.
+    pub oom_kills: u64,
+}
+
+/// Whether the host mounts the unified hierarchy at /sys/fs/cgroup.
+pub fn is_v2() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+fn read_u64(p: &Path) -> u64 {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn keyed(p: &Path, key: &str) -> u64 {
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn rel(path: &str) -> &str {
+    path.trim_start_matches('/')
+}
+
+/// The directory of `path` in one v1 controller hierarchy.
+pub fn v1_dir(controller: &str, path: &str) -> PathBuf {
+    Path::new(ROOT).join(controller).join(rel(path))
+}
+
+/// Reads the usage of a cgroup.
+pub fn usage(path: &str) -> Usage {
+    if is_v2() {
+        let d = Path::new(ROOT).join(rel(path));
+        let usage = read_u64(&d.join("memory.current"));
+        let stat = d.join("memory.stat");
+        let inactive = keyed(&stat, "inactive_file");
+        Usage {
+            cpu_ns: keyed(&d.join("cpu.stat"), "usage_usec") * 1000,
+            memory_usage: usage,
+            working_set: usage.saturating_sub(inactive),
+            rss: keyed(&stat, "anon"),
+            page_faults: keyed(&stat, "pgfault"),
+            major_page_faults: keyed(&stat, "pgmajfault"),
+            pids: read_u64(&d.join("pids.current")),
+            oom_kills: keyed(&d.join("memory.events"), "oom_kill"),
+        }
+    } else {
+        let mem = v1_dir("memory", path);
+        let usage = read_u64(&mem.join("memory.usage_in_bytes"));
+        let stat = mem.join("memory.stat");
+        let inactive = keyed(&stat, "total_inactive_file");
+        let cpu = {
+            let a = read_u64(&v1_dir("cpuacct", path).join("cpuacct.usage"));
+            if a > 0 {
+                a
+            } else {
+                read_u64(&v1_dir("cpu,cpuacct", path).join("cpuacct.usage"))
+            }
+        };
+        Usage {
+            cpu_ns: cpu,
+            memory_usage: usage,
+            working_set: usage.saturating_sub(inactive),
+            rss: keyed(&stat, "total_rss"),
+            page_faults: keyed(&stat, "total_pgfault"),
+            major_page_faults: keyed(&stat, "total_pgmajfault"),
+            pids: read_u64(&v1_dir("pids", path).join("pids.current")),
+            oom_kills: keyed(&mem.join("memory.oom_control"), "oom_kill"),
+        }
+    }
+}
+
+/// Removes a cgroup directory (and empty children) in every hierarchy, deepest first.
+/// Directories that still hold processes stay (the kernel refuses); that is reported.
+pub fn remove(path: &str) -> Result<(), String> {
+    let dirs: Vec<PathBuf> = if is_v2() {
+        vec![Path::new(ROOT).join(rel(path))]
+    } else {
+        std::fs::read_dir(ROOT)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .map(|e| e.path().join(rel(path)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut failures = Vec::new();
+    for d in dirs {
+        if let Err(e) = remove_tree(&d) {
+            failures.push(format!("{}: {e}", d.display()));
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+fn remove_tree(d: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_tree(&e.path())?;
+        }
+    }
+    // cgroupfs directories are removed with rmdir even though they list files.
+    match std::fs::remove_dir(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Processes in a cgroup (v2: cgroup.procs; v1: the memory hierarchy's).
+pub fn procs(path: &str) -> Vec<i32> {
+    let file = if is_v2() {
+        Path::new(ROOT).join(rel(path)).join("cgroup.procs")
+    } else {
+        v1_dir("memory", path).join("cgroup.procs")
+    };
+    std::fs::read_to_string(file)
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn write(p: &Path, v: &str) -> Result<(), String> {
+    std::fs::write(p, v).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Applies new CPU and memory limits to a live cgroup (UpdateContainerResources).
+pub fn update(path: &str, r: &isola_proto::cri::LinuxContainerResources) -> Result<(), String> {
+    if is_v2() {
+        let d = Path::new(ROOT).join(rel(path));
+        if r.memory_limit_in_bytes > 0 {
+            write(&d.join("memory.max"), &r.memory_limit_in_bytes.to_string())?;
+        }
+        if r.cpu_shares > 0 {
+            // The kernel's conversion of cgroup v1 shares to v2 weight.
+            let w = 1 + ((r.cpu_shares.clamp(2, 262_144) - 2) * 9999) / 262_142;
+            write(&d.join("cpu.weight"), &w.to_string())?;
+        }
+        if r.cpu_quota != 0 || r.cpu_period > 0 {
+            let quota = if r.cpu_quota > 0 {
+                r.cpu_quota.to_string()
+            } else {
+                "max".into()
+            };
+            let period = if r.cpu_period > 0 {
+                r.cpu_period
+            } else {
+                100_000
+            };
+            write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
+        }
+        if !r.cpuset_cpus.is_empty() {
+            write(&d.join("cpuset.cpus"), &r.cpuset_cpus)?;
+        }
+        if !r.cpuset_mems.is_empty() {
+            write(&d.join("cpuset.mems"), &r.cpuset_mems)?;
+        }
+        for (k, v) in &r.unified {
+            if k.contains('/') || k.contains("..") {
+                return Err(format!("unified key {k:?} is not a cgroup file name"));
+            }
+            write(&d.join(k), v)?;
+        }
+    } else {
+        if r.memory_limit_in_bytes > 0 {
+            write(
+                &v1_dir("memory", path).join("memory.limit_in_bytes"),
+                &r.memory_limit_in_bytes.to_string(),
+            )?;
+        }
+        let cpu = v1_dir("cpu", path);
+        if r.cpu_shares > 0 {
+            write(&cpu.join("cpu.shares"), &r.cpu_shares.to_string())?;
+        }
+        if r.cpu_period > 0 {
+            write(&cpu.join("cpu.cfs_period_us"), &r.cpu_period.to_string())?;
+        }
+        if r.cpu_quota != 0 {
+            write(&cpu.join("cpu.cfs_quota_us"), &r.cpu_quota.to_string())?;
+        }
+        if !r.cpuset_cpus.is_empty() {
+            write(&v1_dir("cpuset", path).join("cpuset.cpus"), &r.cpuset_cpus)?;
+        }
+        if !r.cpuset_mems.is_empty() {
+            write(&v1_dir("cpuset", path).join("cpuset.mems"), &r.cpuset_mems)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates a cgroup in every hierarchy (v1: every controller but cpuset, whose new
+/// groups start without CPUs) and moves `pid` into it. Best effort per hierarchy: the
+/// failures are returned for the log.
+pub fn enter(path: &str, pid: i32) -> Vec<String> {
+    let mut failures = Vec::new();
+    let dirs: Vec<PathBuf> = if is_v2() {
+        vec![Path::new(ROOT).join(rel(path))]
+    } else {
+        std::fs::read_dir(ROOT)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+                    .filter(|e| {
+                        let n = e.file_name();
+                        n != "cpuset" && n != "unified" && n != "systemd"
+                    })
+                    .map(|e| e.path().join(rel(path)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for d in dirs {
+        if let Err(e) = std::fs::create_dir_all(&d) {
+            failures.push(format!("{}: {e}", d.display()));
+            continue;
+        }
+        if let Err(e) = write(&d.join("cgroup.procs"), &pid.to_string()) {
+            failures.push(e);
+        }
+    }
+    failures
+}

@@ -1,0 +1,176 @@
+//! Running an OCI bundle with youki's libcontainer, in-process: create (the container's
+//! init waits at the start barrier), start, kill, delete, and exec of further processes.
+//!
+//! Everything here blocks: callers run it on a blocking thread. The init and exec
+//! processes are children of the calling process, so the caller reaps them (waitpid on
+//! their pid only: libcontainer waits for its own intermediate processes, and a wildcard
+//! reaper would steal those).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+
+/// Errors from libcontainer, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} container {id}: {detail}")]
+pub struct RunError {
+    /// create, start, kill, delete, exec.
+    pub action: &'static str,
+    /// The container.
+    pub id: String,
+    /// libcontainer's error.
+    pub detail: String,
+}
+
+fn err(action: &'static str, id: &str, e: impl std::fmt::Display) -> RunError {
+    RunError {
+        action,
+        id: id.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// The standard streams handed to a process.
+pub struct Stdio {
+    /// stdin (None: /dev/null).
+    pub stdin: Option<OwnedFd>,
+    /// stdout.
+    pub stdout: OwnedFd,
+    /// stderr.
+    pub stderr: OwnedFd,
+}
+
+/// Containers kept under one state directory.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    root: PathBuf,
+    systemd: bool,
+}
+
+impl Runner {
+    /// A runner keeping libcontainer's state under `root`.
+    pub fn new(root: &Path, systemd: bool) -> Runner {
+        Runner {
+            root: root.to_owned(),
+            systemd,
+        }
+    }
+
+    fn load(&self, id: &str, action: &'static str) -> Result<Container, RunError> {
+        Container::load(self.root.join(id)).map_err(|e| err(action, id, e))
+    }
+
+    /// Creates the container from `bundle/config.json`; returns its init's pid. The
+    /// process exists, in its namespaces and cgroup, and waits for [`Runner::start`].
+    pub fn create(&self, id: &str, bundle: &Path, stdio: Stdio) -> Result<i32, RunError> {
+        std::fs::create_dir_all(&self.root).map_err(|e| err("create", id, e))?;
+        let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(&self.root)
+            .map_err(|e| err("create", id, e))?
+            .with_stdout(stdio.stdout)
+            .with_stderr(stdio.stderr);
+        if let Some(i) = stdio.stdin {
+            b = b.with_stdin(i);
+        }
+        let c = b
+            .as_init(bundle)
+            .with_systemd(self.systemd)
+            .with_detach(true)
+            .build()
+            .map_err(|e| err("create", id, e))?;
+        c.pid()
+            .map(|p| p.as_raw())
+            .ok_or_else(|| err("create", id, "no init pid after create"))
+    }
+
+    /// Lets the created container's init run its process.
+    pub fn start(&self, id: &str) -> Result<(), RunError> {
+        self.load(id, "start")?
+            .start()
+            .map_err(|e| err("start", id, e))
+    }
+
+    /// Signals the container's init (or all its processes).
+    pub fn kill(&self, id: &str, signal: i32, all: bool) -> Result<(), RunError> {
+        let sig = libcontainer::signal::Signal::try_from(signal).map_err(|e| err("kill", id, e))?;
+        self.load(id, "kill")?
+            .kill(sig, all)
+            .map_err(|e| err("kill", id, e))
+    }
+
+    /// Deletes the container's state and cgroup (killing what is left with `force`).
+    /// A container libcontainer does not know is already deleted.
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), RunError> {
+        if !self.root.join(id).exists() {
+            return Ok(());
+        }
+        self.load(id, "delete")?
+            .delete(force)
+            .map_err(|e| err("delete", id, e))
+    }
+
+    /// Runs a further process in the container; returns its pid (a child of the caller).
+    pub fn exec(
+        &self,
+        id: &str,
+        args: Vec<String>,
+        env: HashMap<String, String>,
+        stdio: Stdio,
+        bundle: &Path,
+    ) -> Result<i32, RunError> {
+        let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(&self.root)
+            .map_err(|e| err("exec", id, e))?
+            .with_stdout(stdio.stdout)
+            .with_stderr(stdio.stderr);
+        if let Some(i) = stdio.stdin {
+            b = b.with_stdin(i);
+        }
+        let pid = b
+            .as_tenant()
+            .with_container_args(args)
+            .with_env(env)
+            .with_detach(true)
+            .build()
+            .map_err(|e| err("exec", id, format!("{e} (bundle {})", bundle.display())))?;
+        Ok(pid.as_raw())
+    }
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit code, or 128 + signal.
+    pub code: i32,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+}
+
+/// Waits for a child process to end (blocking).
+pub fn wait(pid: i32) -> Exit {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return Exit { code, signal: None },
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Exit {
+                    code: 128 + sig as i32,
+                    signal: Some(sig as i32),
+                }
+            }
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // Not our child (or already reaped): nothing more can be known.
+            Err(_) => {
+                return Exit {
+                    code: 255,
+                    signal: None,
+                }
+            }
+        }
+    }
+}
