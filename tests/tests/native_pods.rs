@@ -448,6 +448,12 @@ async fn stats_update_reopen_log_and_events() {
             .unwrap_or(0)
             > 0
     );
+    // The writable layer is measured (at least its upper directory).
+    let layer = s.writable_layer.as_ref().expect("writable layer");
+    assert!(
+        layer.inodes_used.as_ref().map(|v| v.value).unwrap_or(0) >= 1,
+        "{layer:?}"
+    );
     let list = rt
         .list_container_stats(cri::ListContainerStatsRequest { filter: None })
         .await
@@ -583,4 +589,153 @@ async fn containers_survive_agent_restarts_and_shim_death_is_noticed() {
     teardown(&mut rt, &pod).await;
     w.agent.assert_no_leaks();
     assert!(!pod_cgroups_left(&pod), "pod cgroups left behind");
+}
+
+#[tokio::test]
+async fn host_namespaces_mounts_sysctls_and_cgroup_parent() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    // A pod in the host's PID and IPC namespaces, under an explicit cgroup parent, with a
+    // namespaced sysctl.
+    let mut pc = w.pod("hostns");
+    let parent = format!("/isola-test-{}", std::process::id());
+    pc.linux = Some(cri::LinuxPodSandboxConfig {
+        cgroup_parent: parent.clone(),
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Node as i32,
+                ipc: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    // A namespaced IPC sysctl needs the pod's own IPC namespace: refused for host IPC,
+    // applied in a pod of its own.
+    let mut bad = pc.clone();
+    bad.metadata.as_mut().expect("md").name = "hostns-sysctl".into();
+    bad.metadata.as_mut().expect("md").uid = "hostns-sysctl".into();
+    if let Some(l) = bad.linux.as_mut() {
+        l.sysctls = [("kernel.msgmax".to_string(), "4242".to_string())].into();
+    }
+    let bad_pod = run_pod(&mut rt, bad.clone(), "").await.expect("pod");
+    let err = create(&mut rt, &bad_pod, &bad, w.sh("x", "true"))
+        .await
+        .expect_err("ipc sysctl with host ipc");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("kernel.msgmax"), "{}", err.message());
+    teardown(&mut rt, &bad_pod).await;
+    let mut own = w.pod("sysctl");
+    own.linux = Some(cri::LinuxPodSandboxConfig {
+        sysctls: [("kernel.msgmax".to_string(), "4242".to_string())].into(),
+        ..Default::default()
+    });
+    let own_pod = run_pod(&mut rt, own.clone(), "").await.expect("pod");
+    let sid = run(&mut rt, &own_pod, &own, w.sh("s", "sleep 1000")).await;
+    let r = exec(&mut rt, &sid, &["cat", "/proc/sys/kernel/msgmax"], 10)
+        .await
+        .expect("exec");
+    assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "4242");
+    teardown(&mut rt, &own_pod).await;
+    // A host directory mounted read-only, another read-write.
+    let host = tempfile::tempdir().expect("host dir");
+    std::fs::write(host.path().join("hello"), "from-host").expect("write");
+    let rw = tempfile::tempdir().expect("rw dir");
+    let mut c = w.sh("m", "sleep 1000");
+    c.mounts = vec![
+        cri::Mount {
+            container_path: "/data".into(),
+            host_path: host.path().display().to_string(),
+            readonly: true,
+            ..Default::default()
+        },
+        cri::Mount {
+            container_path: "/out".into(),
+            host_path: rw.path().display().to_string(),
+            readonly: false,
+            ..Default::default()
+        },
+    ];
+    let id = run(&mut rt, &pod, &pc, c).await;
+    let sh = |script: &'static str| {
+        let mut rt = rt.clone();
+        let id = id.clone();
+        async move {
+            let r = exec(&mut rt, &id, &["sh", "-c", script], 10)
+                .await
+                .expect("exec");
+            (
+                r.exit_code,
+                String::from_utf8_lossy(&r.stdout).trim().to_string(),
+            )
+        }
+    };
+    assert_eq!(sh("cat /data/hello").await, (0, "from-host".into()));
+    assert_ne!(
+        sh("touch /data/x 2>/dev/null").await.0,
+        0,
+        "read-only mount written"
+    );
+    assert_eq!(sh("echo out > /out/f && echo ok").await, (0, "ok".into()));
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("f"))
+            .expect("written through")
+            .trim(),
+        "out"
+    );
+    // Host PID namespace: the container sees this test process.
+    let me = std::process::id();
+    let (code, _) = {
+        let mut rt = rt.clone();
+        let r = exec(
+            &mut rt,
+            &id,
+            &["sh", "-c", &format!("test -d /proc/{me}")],
+            10,
+        )
+        .await
+        .expect("exec");
+        (r.exit_code, ())
+    };
+    assert_eq!(code, 0, "the host's processes are visible with hostPID");
+    // Masked paths stay masked.
+    // (/proc/timer_list exists on every kernel with /proc; masked, it reads empty.)
+    assert_eq!(sh("wc -c < /proc/timer_list 2>&1").await.1, "0");
+    assert_eq!(sh("ls /proc/acpi 2>&1 | wc -l").await.1, "0");
+    // The container's cgroup lies under the requested parent.
+    let st = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .expect("status");
+    assert!(st.into_inner().status.is_some());
+    let cg = std::path::Path::new("/sys/fs/cgroup/memory")
+        .join(parent.trim_start_matches('/'))
+        .join(&id);
+    let cg2 = std::path::Path::new("/sys/fs/cgroup")
+        .join(parent.trim_start_matches('/'))
+        .join(&id);
+    assert!(
+        cg.exists() || cg2.exists(),
+        "no cgroup at {} or {}",
+        cg.display(),
+        cg2.display()
+    );
+    teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+    assert!(
+        !cg.exists() && !cg2.exists(),
+        "container cgroup left behind"
+    );
+    for h in ["memory", "pids", "cpu", ""] {
+        let _ = std::fs::remove_dir(
+            std::path::Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(parent.trim_start_matches('/')),
+        );
+    }
 }

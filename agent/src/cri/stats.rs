@@ -79,7 +79,17 @@ impl Runtime {
         )
         .await
         {
-            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Ok(r)) => {
+                // The writable layer lives in the agent's snapshot store, not in the shim.
+                let mut resp = r.into_inner();
+                for c in &mut resp.containers {
+                    if let Ok(u) = self.images.snapshot_usage(&c.container_id).await {
+                        c.writable_layer_bytes = u.used_bytes;
+                        c.writable_layer_inodes = u.inodes_used;
+                    }
+                }
+                Ok(resp)
+            }
             Ok(Err(s)) => Err(ShimError::call("Stats", s).into()),
             Err(_) => Err(CriError::DeadlineExceeded(format!(
                 "pod sandbox {}: shim Stats did not answer within {}s",
@@ -90,7 +100,7 @@ impl Runtime {
     }
 
     fn writable_mountpoint(&self) -> String {
-        self.config.root.display().to_string()
+        self.config.images_root().display().to_string()
     }
 
     /// ContainerStats.

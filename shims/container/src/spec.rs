@@ -607,6 +607,28 @@ pub fn generate(
         linux_json["maskedPaths"] = json!(masked);
         linux_json["readonlyPaths"] = json!(ro);
     }
+    for key in pod.sysctls.keys() {
+        let (ns, held) = if key.starts_with("kernel.shm")
+            || key.starts_with("kernel.msg")
+            || key == "kernel.sem"
+            || key.starts_with("fs.mqueue.")
+        {
+            ("IPC", pod.ipcns.is_some())
+        } else if key.starts_with("net.") {
+            ("network", pod.netns.is_some())
+        } else if key == "kernel.hostname" || key == "kernel.domainname" {
+            ("UTS", pod.utsns.is_some())
+        } else {
+            return Err(SpecError::Invalid(format!(
+                "linux.sysctls: {key} is not a namespaced sysctl: it would change the host"
+            )));
+        };
+        if !held {
+            return Err(SpecError::Invalid(format!(
+                "linux.sysctls: {key} needs the pod's own {ns} namespace, but the pod shares the host's"
+            )));
+        }
+    }
     if !pod.sysctls.is_empty() {
         linux_json["sysctl"] = json!(pod.sysctls);
     }
