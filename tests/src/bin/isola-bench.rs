@@ -42,6 +42,10 @@ struct Cli {
     /// hosts.toml with `server = "http://127.0.0.1:5077"`).
     #[arg(long)]
     local_registry: Option<String>,
+    /// Run the pods in the host's network namespace (no CNI), so that runtimes compare
+    /// without their network plugins.
+    #[arg(long)]
+    host_network: bool,
     /// Write the JSON result here as well.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -67,6 +71,13 @@ struct Bench {
 }
 
 impl Bench {
+    fn record(&mut self, name: &'static str, ms: f64) {
+        if !self.order.contains(&name) {
+            self.order.push(name);
+        }
+        self.steps.entry(name).or_default().ok_ms.push(ms);
+    }
+
     async fn time<T>(
         &mut self,
         name: &'static str,
@@ -103,32 +114,21 @@ async fn main() -> anyhow::Result<()> {
         steps: BTreeMap::new(),
         order: vec![],
     };
-    let spec = cri::ImageSpec {
-        image: cli.image.clone(),
-        ..Default::default()
-    };
-    for i in 0..cli.pulls {
-        if i > 0 {
-            let _ = img
-                .remove_image(cri::RemoveImageRequest {
-                    image: Some(spec.clone()),
-                })
-                .await;
-        }
-        b.time(
-            "PullImage",
-            img.pull_image(cri::PullImageRequest {
-                image: Some(spec.clone()),
-                ..Default::default()
-            }),
-        )
-        .await;
-    }
     // Kept alive until the end: dropping it stops the registry.
     let mut _registry = None;
     if let Some(addr) = &cli.local_registry {
         use isola_tests::registry::{big_image, Registry};
         let reg = Registry::start_on(addr)?;
+        // The images the pod workload runs: busybox, and a pause image (for runtimes
+        // that run a sandbox container) whose entrypoint sleeps.
+        let bb = isola_tests::fixtures::busybox_image(
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}),
+        )?;
+        reg.push_image("bench/busybox", "1", &bb)?;
+        let pause = isola_tests::fixtures::busybox_image(
+            serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "2147483647"]}),
+        )?;
+        reg.push_image("bench/pause", "1", &pause)?;
         let big = reg.push_image("bench/big", "1", &big_image(3, 20)?)?;
         let big_spec = cri::ImageSpec {
             image: big.reference.clone(),
@@ -156,6 +156,31 @@ async fn main() -> anyhow::Result<()> {
             .await;
         _registry = Some(reg);
     }
+    let image = match (&cli.local_registry, cli.image.as_str()) {
+        (Some(addr), "docker.io/library/busybox:latest") => format!("{addr}/bench/busybox:1"),
+        _ => cli.image.clone(),
+    };
+    let spec = cri::ImageSpec {
+        image,
+        ..Default::default()
+    };
+    for i in 0..cli.pulls {
+        if i > 0 {
+            let _ = img
+                .remove_image(cri::RemoveImageRequest {
+                    image: Some(spec.clone()),
+                })
+                .await;
+        }
+        b.time(
+            "PullImage",
+            img.pull_image(cri::PullImageRequest {
+                image: Some(spec.clone()),
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
     let tag = std::process::id();
     for i in 0..cli.n {
         let pod = cri::PodSandboxConfig {
@@ -167,9 +192,24 @@ async fn main() -> anyhow::Result<()> {
             }),
             hostname: format!("bench-{i}"),
             log_directory: format!("/tmp/isola-bench-{tag}/{i}"),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        network: if cli.host_network {
+                            cri::NamespaceMode::Node as i32
+                        } else {
+                            cri::NamespaceMode::Pod as i32
+                        },
+                        pid: cri::NamespaceMode::Container as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         };
+        let pod_start = Instant::now();
         let Some(r) = b
             .time(
                 "RunPodSandbox",
@@ -213,6 +253,8 @@ async fn main() -> anyhow::Result<()> {
                 }),
             )
             .await;
+            let total = pod_start.elapsed().as_secs_f64() * 1000.0;
+            b.record("Pod+container start", total);
             b.time(
                 "ExecSync",
                 rt.exec_sync(cri::ExecSyncRequest {
