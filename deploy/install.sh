@@ -6,6 +6,7 @@
 #   config          /etc/isola/config.toml (written once from `isolad config default`)
 #   runtime classes embedded; overrides in /etc/isola/runtime-classes/*.toml
 #   RuntimeClass manifests  /usr/share/isola/runtime-classes/*.yaml (kubectl apply -f)
+#   pod network     /etc/cni/net.d/10-isola.conflist (only if no CNI config exists)
 #   guest assets    /usr/share/isola/guest (kernel, initramfs; built, cached by inputs)
 #   service         systemd unit isolad.service where systemd runs; else a daemon
 #                   started here, logging to /var/log/isolad.log
@@ -42,6 +43,14 @@ for b in isolad isola-shim-native isola-shim-vm; do
 done
 [[ -f /etc/isola/config.toml ]] || /usr/local/bin/isolad config default > /etc/isola/config.toml
 install -m 0644 "$repo"/runtime-classes/*.yaml /usr/share/isola/runtime-classes/
+# The default pod network (bridge isola0, 10.88.0.0/16), only where no CNI config exists:
+# an existing network (Calico, Cilium, flannel, ...) is never replaced.
+install -d /etc/cni/net.d
+if ! compgen -G '/etc/cni/net.d/*.conflist' >/dev/null && ! compgen -G '/etc/cni/net.d/*.conf' >/dev/null &&
+    ! compgen -G '/etc/cni/net.d/*.json' >/dev/null; then
+    install -m 0644 "$repo/deploy/cni/10-isola.conflist" /etc/cni/net.d/10-isola.conflist
+    log "installed the default pod network /etc/cni/net.d/10-isola.conflist"
+fi
 install -d /usr/share/doc/isola && install -m 0644 "$repo/README.md" /usr/share/doc/isola/
 
 socket="$(sed -n 's/^socket = "\(.*\)"/\1/p' /etc/isola/config.toml)"

@@ -80,6 +80,31 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// Registries: mirrors and plain-HTTP registries (`isola_images::RegistryConfig`).
     pub registry: isola_images::RegistryConfig,
+    /// Pod networking through CNI plugins.
+    pub cni: CniConfig,
+}
+
+/// Where CNI network configurations and plugins are found, and how plugins run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniConfig {
+    /// Directory of network configurations (`*.conflist`, then `*.conf` / `*.json`);
+    /// the first valid one by file name is used.
+    pub conf_dir: PathBuf,
+    /// Directories searched, in order, for plugin binaries.
+    pub bin_dirs: Vec<PathBuf>,
+    /// Seconds one plugin invocation may take before it is killed.
+    pub plugin_timeout_seconds: u64,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            plugin_timeout_seconds: 60,
+        }
+    }
 }
 
 impl Default for Config {
@@ -98,6 +123,7 @@ impl Default for Config {
             shim_start_timeout_seconds: 10,
             shutdown_grace_seconds: 10,
             registry: isola_images::RegistryConfig::default(),
+            cni: CniConfig::default(),
         }
     }
 }
@@ -150,6 +176,15 @@ shutdown_grace_seconds = 10
 # `max_concurrent_downloads`: blobs one pull fetches at once (0: 3). In a file of your
 # own you may write this as a [registry] table instead.
 registry = { mirrors = {}, insecure_registries = [], max_concurrent_downloads = 0 }
+
+# Pod networking (CNI). `conf_dir`: network configurations; the first valid one by file
+# name (*.conflist, then *.conf and *.json) is used, re-read when it changes; while none
+# is valid, NetworkReady is false and pods get a network namespace with only loopback.
+# In a host-local `ranges` entry, `"subnet": "usePodCidr"` stands for the pod CIDR given
+# by UpdateRuntimeConfig. `bin_dirs`: where plugin binaries are searched, in order.
+# `plugin_timeout_seconds`: how long one plugin call may take before it is killed.
+# In a file of your own you may write this as a [cni] table instead.
+cni = { conf_dir = "/etc/cni/net.d", bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"], plugin_timeout_seconds = 60 }
 "#;
 
 impl Config {
@@ -194,6 +229,11 @@ impl Config {
         if self.default_runtime_handler.is_empty() {
             return Err(ConfigError::Invalid(
                 "default_runtime_handler must not be empty".into(),
+            ));
+        }
+        if self.cni.plugin_timeout_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "cni.plugin_timeout_seconds must be at least 1".into(),
             ));
         }
         if self.shim_start_timeout_seconds == 0 {

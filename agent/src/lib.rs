@@ -6,6 +6,7 @@ pub mod config;
 pub mod cri;
 pub mod ids;
 pub mod leftovers;
+pub mod network;
 pub mod records;
 pub mod rollback;
 pub mod runtime;

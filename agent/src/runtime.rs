@@ -38,6 +38,8 @@ pub struct Runtime {
     pub images: isola_images::ImageStore,
     /// Starts shims.
     pub shims: ShimManager,
+    /// Pod networking (CNI).
+    pub network: crate::network::Network,
     /// Container (and sandbox) lifecycle events for GetContainerEvents.
     pub events: broadcast::Sender<cri::ContainerEventResponse>,
     /// Turns true when the agent shuts down.
@@ -61,7 +63,9 @@ impl Runtime {
             config.log_format,
         );
         let (events, _) = broadcast::channel(1024);
+        let network = crate::network::Network::new(&config);
         Arc::new(Runtime {
+            network,
             config,
             classes,
             records,
@@ -286,6 +290,20 @@ impl Runtime {
                     if let Err(e) = self.mark_shim_dead(&mut sb).await {
                         warn!(pod = %sb.id, error = %e, "recording the shim's death");
                     }
+                }
+            }
+        }
+        // Network namespaces and CNI attachments of pods that were never recorded.
+        if let Ok(entries) = std::fs::read_dir(self.config.state.join("netns")) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if known.contains(&name) {
+                    continue;
+                }
+                warn!(pod = %name, "tearing down the network of a pod that was never recorded");
+                let path = entry.path().display().to_string();
+                if let Err(e) = self.network.teardown(&name, &path).await {
+                    warn!(pod = %name, error = %e, "tearing down an unrecorded pod's network");
                 }
             }
         }

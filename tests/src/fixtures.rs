@@ -11,6 +11,7 @@ use crate::{Agent, AgentOptions, Images, Runtime};
 const APPLETS: &[&str] = &[
     "sh", "echo", "cat", "id", "sleep", "grep", "ls", "touch", "env", "readlink", "ps", "head",
     "wc", "kill", "true", "false", "mkdir", "nc", "stty", "hostname", "uname", "awk", "tr", "dd",
+    "httpd", "ip", "wget",
 ];
 
 /// A one-layer busybox image: /bin/busybox and applet links, /etc/passwd with `web`

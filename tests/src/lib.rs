@@ -94,6 +94,12 @@ impl Agent {
         agent
     }
 
+    /// The agent's CNI conf dir (`<dir>/cni/net.d`, empty at start) unless the options
+    /// set a `[cni]` table of their own.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni").join("net.d")
+    }
+
     /// The temporary directory holding everything of this agent.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -132,8 +138,16 @@ impl Agent {
     async fn launch(&mut self) -> anyhow::Result<()> {
         let classes = self.dir.path().join("runtime-classes");
         std::fs::create_dir_all(&classes)?;
+        // A CNI conf dir of the agent's own (empty unless a test writes a network config
+        // there), never the host's /etc/cni/net.d.
+        std::fs::create_dir_all(self.cni_conf_dir())?;
+        let cni = if self.options.config.contains("[cni]") {
+            String::new()
+        } else {
+            format!("[cni]\nconf_dir = {:?}\n", self.cni_conf_dir())
+        };
         let config = format!(
-            "runtime_classes_dir = {:?}\nshim_dir = {:?}\nlog_level = \"debug\"\n{}\n",
+            "runtime_classes_dir = {:?}\nshim_dir = {:?}\nlog_level = \"debug\"\n{}\n{cni}",
             classes,
             bin_dir(),
             self.options.config

@@ -95,7 +95,7 @@ async fn version_status_and_runtime_config() {
         .iter()
         .find(|c| c.r#type == "NetworkReady")
         .expect("NetworkReady");
-    // No pod networking exists yet: the condition must say so, with a reason.
+    // The agent's CNI conf dir holds no network config: the condition must say so, with a reason.
     assert!(!network.status);
     assert_eq!(network.reason, "NetworkPluginNotReady");
     assert!(!network.message.is_empty());

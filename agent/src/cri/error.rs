@@ -123,6 +123,18 @@ impl From<isola_images::Error> for CriError {
     }
 }
 
+impl From<crate::network::NetworkError> for CriError {
+    fn from(e: crate::network::NetworkError) -> CriError {
+        use crate::network::NetworkError as E;
+        let msg = format!("pod network: {e}");
+        match &e {
+            E::Conf(_) => CriError::FailedPrecondition(msg),
+            _ if e.is_timeout() => CriError::DeadlineExceeded(msg),
+            _ => CriError::Internal(msg),
+        }
+    }
+}
+
 impl From<RecordError> for CriError {
     fn from(e: RecordError) -> CriError {
         CriError::Internal(e.to_string())

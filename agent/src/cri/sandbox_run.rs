@@ -155,6 +155,7 @@ impl Runtime {
                 let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
             });
         }
+        let (netns_path, ips) = self.setup_network(id, config, undo).await?;
         let mut started = self.shims.spawn(class.shim, id, &state_dir).await?;
         // Written before anything else depends on the shim, so that an agent crash before
         // the record is committed leaves enough to find and kill this shim.
@@ -190,11 +191,12 @@ impl Runtime {
             started.client.create_sandbox(CreateSandboxRequest {
                 sandbox_id: id.to_owned(),
                 pod_config: config.encode_to_vec(),
-                netns_path: String::new(),
+                netns_path: netns_path.clone(),
                 cgroup_parent,
                 runtime_handler: class.handler.clone(),
                 class_settings_json: class.settings_json(),
                 state_dir: state_dir.display().to_string(),
+                pod_ips: ips.clone(),
             }),
         )
         .await
@@ -220,11 +222,89 @@ impl Runtime {
             reason: String::new(),
             created_at_ns: now_ns(),
             shim: Some(started.record),
-            netns_path: String::new(),
-            ip: String::new(),
-            additional_ips: vec![],
+            netns_path,
+            ip: ips.first().cloned().unwrap_or_default(),
+            additional_ips: ips.iter().skip(1).cloned().collect(),
             info,
         };
         Ok((record, started.client))
+    }
+}
+
+/// Whether a pod shares the host's network namespace.
+pub fn host_network(config: &cri::PodSandboxConfig) -> bool {
+    config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .is_some_and(|n| n.network == cri::NamespaceMode::Node as i32)
+}
+
+impl Runtime {
+    /// The pod's network: its own namespace attached by CNI (returns the namespace path
+    /// and the pod IPs), nothing for hostNetwork pods, and, while the conf dir holds no
+    /// network config at all, nothing either: the shim then gives the pod a namespace of
+    /// its own with only loopback (logged; the pod has no IP). A conf dir whose configs
+    /// are all invalid fails the pod instead, naming each file's problem.
+    async fn setup_network(
+        self: &Arc<Self>,
+        id: &str,
+        config: &cri::PodSandboxConfig,
+        undo: &mut Rollback,
+    ) -> Result<(String, Vec<String>), CriError> {
+        if host_network(config) {
+            return Ok((String::new(), vec![]));
+        }
+        let list = match self.network.current() {
+            Ok(l) => l,
+            Err(crate::network::conf::ConfError::NoConfig(dir)) => {
+                tracing::warn!(
+                    conf_dir = %dir.display(),
+                    "no CNI network config: the pod gets an isolated network namespace with only loopback and no IP"
+                );
+                return Ok((String::new(), vec![]));
+            }
+            Err(e) => return Err(crate::network::NetworkError::from(e).into()),
+        };
+        let pod_cidr = self
+            .records
+            .meta(super::status::META_POD_CIDR)
+            .ok()
+            .flatten();
+        let list = list
+            .with_pod_cidr(pod_cidr.as_deref())
+            .map_err(crate::network::NetworkError::from)?;
+        let netns = self.network.create_netns(id).await?;
+        {
+            let rt = Arc::clone(self);
+            let path = netns.clone();
+            undo.push("remove netns", async move {
+                if let Err(e) = rt.network.remove_netns(&path).await {
+                    tracing::warn!(error = %e, "undo: removing the pod's network namespace");
+                }
+            });
+        }
+        {
+            let rt = Arc::clone(self);
+            let id = id.to_owned();
+            undo.push("CNI DEL", async move {
+                if let Err(e) = rt.network.del(&id).await {
+                    // Nothing could retry it later: the pod never existed for the client.
+                    tracing::warn!(error = %e, "undo: CNI DEL failed; forgetting the attachment");
+                    rt.network.forget(&id).await;
+                }
+            });
+        }
+        let pod = crate::network::PodInfo::from_config(id, config);
+        let t = std::time::Instant::now();
+        let ips = self.network.add(&list, &pod, &netns).await?;
+        tracing::info!(
+            network = %list.name,
+            ips = ?ips,
+            ms = t.elapsed().as_millis() as u64,
+            "pod network attached"
+        );
+        Ok((netns.display().to_string(), ips))
     }
 }

@@ -52,6 +52,8 @@ impl Runtime {
                 // Idempotent: kills and unmounts only what is still there.
                 self.clean_after_dead_shim(sb).await;
             }
+            // A DEL that failed before is retried here (Stop again, or Remove).
+            self.network.teardown(&sb.id, &sb.netns_path).await?;
             return Ok(());
         }
         let mut finals: std::collections::HashMap<String, sp::ContainerStatus> = Default::default();
@@ -169,6 +171,8 @@ impl Runtime {
         if was_ready {
             self.emit_sandbox_event(&sb.id, cri::ContainerEventType::ContainerStoppedEvent);
         }
+        // After every process of the pod is gone: CNI DEL, then the namespace.
+        self.network.teardown(&sb.id, &sb.netns_path).await?;
         Ok(())
     }
 }

@@ -54,11 +54,20 @@ impl Runtime {
             runtime.reason = reason.into();
             runtime.message = message;
         }
-        let network = cri::RuntimeCondition {
-            r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "isola does not run CNI plugins yet: pods get no network (pod networking is not built)".into(),
+        let pod_cidr = self.records.meta(META_POD_CIDR).ok().flatten();
+        let network = match self.network.ready(pod_cidr.as_deref()) {
+            Ok(_) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: format!("cni plugin not initialized: {e}"),
+            },
         };
         vec![runtime, network]
     }
@@ -89,6 +98,14 @@ impl Runtime {
             info.insert(
                 "defaultRuntimeHandler".into(),
                 json!(self.classes.default_handler()).to_string(),
+            );
+            info.insert(
+                "cniConfig".into(),
+                match self.network.current() {
+                    Ok(l) => json!({"file": l.file, "config": l.raw}),
+                    Err(e) => json!({"error": e.to_string()}),
+                }
+                .to_string(),
             );
             info.insert(
                 "podCIDR".into(),

@@ -97,6 +97,7 @@ impl Sandbox {
         config: cri::PodSandboxConfig,
         state_dir: &Path,
         netns_path: &str,
+        pod_ips: &[String],
     ) -> Result<Sandbox, SandboxError> {
         let linux = config.linux.clone().unwrap_or_default();
         let ns = linux
@@ -142,7 +143,14 @@ impl Sandbox {
             own_cgroups: Vec::new(),
             shm_mount: None,
         };
-        match sb.build(sandbox_id, &config, host_net, host_ipc, pod_pid, netns_path) {
+        match sb.build(
+            sandbox_id,
+            &config,
+            host_net,
+            host_ipc,
+            pod_pid,
+            (netns_path, pod_ips),
+        ) {
             Ok(()) => Ok(sb),
             Err(e) => {
                 sb.destroy();
@@ -158,7 +166,8 @@ impl Sandbox {
         host_net: bool,
         host_ipc: bool,
         pod_pid: bool,
-        netns_path: &str,
+        // The pod's network namespace (empty: a new one) and its IPs from CNI.
+        (netns_path, pod_ips): (&str, &[String]),
     ) -> Result<(), SandboxError> {
         let dir = self.state_dir.clone();
         // Files.
@@ -167,11 +176,20 @@ impl Sandbox {
             let text = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
             write_file(&hosts, &text)?;
         } else {
+            // The pod's own addresses name it (as kubelet's managed hosts file does);
+            // without a pod network, 127.0.1.1 (as Debian does).
+            let own: String = if pod_ips.is_empty() {
+                format!("127.0.1.1\t{}\n", self.ctx.hostname)
+            } else {
+                pod_ips
+                    .iter()
+                    .map(|ip| format!("{ip}\t{}\n", self.ctx.hostname))
+                    .collect()
+            };
             write_file(
                 &hosts,
                 &format!(
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n127.0.1.1\t{}\n",
-                    self.ctx.hostname
+                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n{own}",
                 ),
             )?;
         }

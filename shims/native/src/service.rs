@@ -208,8 +208,9 @@ impl Shim for NativeShim {
             PathBuf::from(&req.state_dir)
         };
         let netns = req.netns_path.clone();
+        let pod_ips = req.pod_ips.clone();
         let sd = state_dir.clone();
-        let sb = blocking(move || Sandbox::create(&id, config, &sd, &netns))
+        let sb = blocking(move || Sandbox::create(&id, config, &sd, &netns, &pod_ips))
             .await?
             .map_err(|e| match e {
                 crate::sandbox::SandboxError::Invalid(m) => Status::invalid_argument(m),

@@ -1,0 +1,465 @@
+//! Pod networking through CNI, end to end over the CRI socket with Debian's plugins
+//! (`containernetworking-plugins`, /usr/lib/cni). Each test writes its own network
+//! config into its agent's conf dir: its own bridge (`isolat<N>`), its own subnet
+//! (10.99.<N>.0/24), host-local leases in the test's temp dir, no masquerading. The only
+//! traffic is between the test's own pods, and from the host to its pods and loopback.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use isola_proto::cri;
+use isola_tests::fixtures::*;
+use isola_tests::*;
+use tonic::Code;
+
+/// The test's bridge: deleted when the test ends (the bridge plugin's DEL keeps it).
+struct Net {
+    bridge: String,
+    subnet: u8,
+    ipam: tempfile::TempDir,
+}
+
+impl Net {
+    fn new(n: u8) -> Net {
+        let bridge = format!("isolat{n}");
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &bridge])
+            .stderr(std::process::Stdio::null())
+            .status();
+        Net {
+            bridge,
+            subnet: n,
+            ipam: tempfile::tempdir().expect("ipam dir"),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("isola-test-{}", self.subnet)
+    }
+
+    /// bridge (gateway 10.99.N.1, hairpin, no masquerade) + host-local + portmap +
+    /// loopback.
+    fn conflist(&self, subnet: &str) -> String {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": self.name(),
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.bridge,
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "hairpinMode": true,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": subnet}]],
+                        "dataDir": self.ipam.path(),
+                    }
+                },
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+                {"type": "loopback"}
+            ]
+        })
+        .to_string()
+    }
+
+    fn default_conflist(&self) -> String {
+        self.conflist(&format!("10.99.{}.0/24", self.subnet))
+    }
+
+    fn install(&self, agent: &Agent, text: &str) {
+        std::fs::write(agent.cni_conf_dir().join("10-test.conflist"), text).expect("conflist");
+    }
+
+    /// Leases host-local still holds (files named by an IP).
+    fn leases(&self) -> Vec<String> {
+        std::fs::read_dir(self.ipam.path().join(self.name()))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Interfaces enslaved to the bridge (the pods' veths).
+    fn ports(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/sys/class/net/{}/brif", self.bridge))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn network_ready(rt: &mut Runtime) -> cri::RuntimeCondition {
+    let st = rt
+        .status(cri::StatusRequest { verbose: false })
+        .await
+        .expect("status")
+        .into_inner();
+    st.status
+        .expect("status body")
+        .conditions
+        .into_iter()
+        .find(|c| c.r#type == "NetworkReady")
+        .expect("NetworkReady")
+}
+
+async fn pod_ips(rt: &mut Runtime, pod: &str) -> (String, Vec<String>) {
+    let st = pod_status(rt, pod, false)
+        .await
+        .expect("pod status")
+        .status
+        .expect("body");
+    let n = st.network.expect("network status");
+    (n.ip, n.additional_ips.into_iter().map(|p| p.ip).collect())
+}
+
+/// Asserts that nothing of the agent's pod networks is left: no pinned namespace (file
+/// or mount) and no cached attachment.
+fn assert_no_network_leaks(agent: &Agent) {
+    let netns = agent.state().join("netns");
+    let left: Vec<PathBuf> = std::fs::read_dir(&netns)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "leaked netns files: {left:?}");
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|p| p.starts_with(&netns.display().to_string()))
+        .collect();
+    assert!(mounts.is_empty(), "leaked netns mounts: {mounts:?}");
+    let cache: Vec<PathBuf> = std::fs::read_dir(agent.root().join("cni").join("results"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(cache.is_empty(), "leaked CNI cache: {cache:?}");
+}
+
+fn in_subnet(ip: &str, n: u8) -> bool {
+    ip.starts_with(&format!("10.99.{n}.")) && ip.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+const SERVER: &str =
+    "mkdir -p /tmp/www && echo hello-isola > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+
+#[tokio::test]
+async fn two_pods_talk_and_nothing_is_left() {
+    let net = Net::new(41);
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    net.install(&w.agent, &net.default_conflist());
+    let ready = network_ready(&mut rt).await;
+    assert!(ready.status, "NetworkReady: {ready:?}");
+
+    let pa = w.pod("srv");
+    let a = run_pod(&mut rt, pa.clone(), "").await.expect("pod a");
+    let pb = w.pod("cli");
+    let b = run_pod(&mut rt, pb.clone(), "").await.expect("pod b");
+    let (ip_a, more_a) = pod_ips(&mut rt, &a).await;
+    let (ip_b, _) = pod_ips(&mut rt, &b).await;
+    assert!(in_subnet(&ip_a, 41), "pod a ip {ip_a:?}");
+    assert!(in_subnet(&ip_b, 41), "pod b ip {ip_b:?}");
+    assert_ne!(ip_a, ip_b);
+    assert!(more_a.is_empty(), "an IPv4-only network: {more_a:?}");
+    assert_eq!(net.ports().len(), 2, "one veth per pod on the bridge");
+    assert_eq!(net.leases().len(), 2);
+
+    let srv = run(&mut rt, &a, &pa, w.sh("srv", SERVER)).await;
+    let cli = run(&mut rt, &b, &pb, w.sh("cli", "exec sleep 600")).await;
+    // The pod's own address names it in its /etc/hosts.
+    let hosts = exec(&mut rt, &srv, &["cat", "/etc/hosts"], 10)
+        .await
+        .expect("hosts");
+    let hosts = String::from_utf8_lossy(&hosts.stdout).into_owned();
+    assert!(hosts.contains(&format!("{ip_a}\tsrv")), "{hosts}");
+    // eth0 carries the pod IP inside the pod.
+    let addr = exec(
+        &mut rt,
+        &srv,
+        &["ip", "-o", "-4", "addr", "show", "eth0"],
+        10,
+    )
+    .await
+    .expect("ip addr");
+    assert!(
+        String::from_utf8_lossy(&addr.stdout).contains(&format!("{ip_a}/24")),
+        "{addr:?}"
+    );
+    let url = format!("http://{ip_a}:8080/");
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reached = eventually(Duration::from_secs(20), || {
+        let mut rt = rt.clone();
+        let url = url.clone();
+        let cli = cli.clone();
+        let last = last.clone();
+        async move {
+            let r = exec(&mut rt, &cli, &["wget", "-q", "-O", "-", &url], 5).await;
+            let ok = r.as_ref().is_ok_and(|r| {
+                r.exit_code == 0 && String::from_utf8_lossy(&r.stdout).contains("hello-isola")
+            });
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = format!("{r:?}");
+            ok
+        }
+    })
+    .await;
+    assert!(
+        reached,
+        "pod b did not reach pod a at {url}: {}",
+        last.lock().unwrap_or_else(|p| p.into_inner())
+    );
+
+    // Stop runs DEL and is idempotent; Remove after it finds nothing to do.
+    for _ in 0..2 {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: a.clone(),
+        })
+        .await
+        .expect("stop a");
+    }
+    assert_eq!(net.ports().len(), 1, "pod a's veth is gone after Stop");
+    assert_eq!(net.leases().len(), 1, "pod a's lease is released by Stop");
+    teardown(&mut rt, &a).await;
+    teardown(&mut rt, &b).await;
+    assert!(net.ports().is_empty(), "veths left: {:?}", net.ports());
+    assert!(net.leases().is_empty(), "leases left: {:?}", net.leases());
+    assert_no_network_leaks(&w.agent);
+    w.agent.assert_no_leaks();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn http_get(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn port_mapping_answers_on_loopback() {
+    let net = Net::new(42);
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    net.install(&w.agent, &net.default_conflist());
+    let port = free_port();
+    let mut pc = w.pod("web");
+    pc.port_mappings = vec![cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: port as i32,
+        host_ip: "127.0.0.1".into(),
+    }];
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let (ip, _) = pod_ips(&mut rt, &pod).await;
+    assert!(in_subnet(&ip, 42), "{ip:?}");
+    run(&mut rt, &pod, &pc, w.sh("srv", SERVER)).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut last = String::new();
+    let ok = eventually(Duration::from_secs(20), || {
+        let r = http_get(addr);
+        last = format!("{r:?}");
+        async move { r.is_ok_and(|b| b.contains("hello-isola")) }
+    })
+    .await;
+    assert!(ok, "no answer on {addr}: {last}");
+    teardown(&mut rt, &pod).await;
+    // portmap's DEL removed the mapping.
+    assert!(http_get(addr).is_err(), "the mapping outlived the pod");
+    assert!(net.leases().is_empty());
+    assert_no_network_leaks(&w.agent);
+    w.agent.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn dns_config_lands_in_resolv_conf_and_host_network_sees_the_host() {
+    let net = Net::new(43);
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    net.install(&w.agent, &net.default_conflist());
+    let mut pc = w.pod("dns");
+    pc.dns_config = Some(cri::DnsConfig {
+        servers: vec!["10.99.43.53".into(), "10.99.43.54".into()],
+        searches: vec!["ns1.svc.cluster.local".into(), "svc.cluster.local".into()],
+        options: vec!["ndots:5".into(), "timeout:1".into()],
+    });
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let c = run(&mut rt, &pod, &pc, w.sh("c", "exec sleep 600")).await;
+    let r = exec(&mut rt, &c, &["cat", "/etc/resolv.conf"], 10)
+        .await
+        .expect("resolv.conf");
+    let text = String::from_utf8_lossy(&r.stdout).into_owned();
+    for want in [
+        "nameserver 10.99.43.53",
+        "nameserver 10.99.43.54",
+        "search ns1.svc.cluster.local svc.cluster.local",
+        "options ndots:5 timeout:1",
+    ] {
+        assert!(
+            text.lines().any(|l| l.trim() == want),
+            "{want:?} not in {text}"
+        );
+    }
+    teardown(&mut rt, &pod).await;
+
+    // hostNetwork: no CNI, no namespace of its own, the host's interfaces.
+    let mut hc = w.pod("hostnet");
+    hc.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hpod = run_pod(&mut rt, hc.clone(), "").await.expect("host pod");
+    let (ip, _) = pod_ips(&mut rt, &hpod).await;
+    assert_eq!(ip, "", "a hostNetwork pod gets no pod IP from CNI");
+    assert!(net.leases().is_empty(), "CNI ran for a hostNetwork pod");
+    let hcid = run(&mut rt, &hpod, &hc, w.sh("c", "exec sleep 600")).await;
+    let r = exec(&mut rt, &hcid, &["cat", "/proc/net/dev"], 10)
+        .await
+        .expect("net/dev");
+    let ifaces = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(|n| n.trim().to_owned()))
+            .collect()
+    };
+    let inside = ifaces(&String::from_utf8_lossy(&r.stdout));
+    let host = ifaces(&std::fs::read_to_string("/proc/net/dev").expect("host net/dev"));
+    assert!(inside.contains(&net.bridge), "{inside:?}");
+    assert_eq!(inside, host);
+    teardown(&mut rt, &hpod).await;
+    assert_no_network_leaks(&w.agent);
+    w.agent.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn broken_configs_and_plugin_errors() {
+    let net = Net::new(44);
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let conf_dir = w.agent.cni_conf_dir();
+
+    // No config: not ready, and pods fall back to an isolated namespace with no IP.
+    let cond = network_ready(&mut rt).await;
+    assert!(!cond.status);
+    assert_eq!(cond.reason, "NetworkPluginNotReady");
+    assert!(cond.message.contains("no network config"), "{cond:?}");
+    let pc = w.pod("fallback");
+    let pod = run_pod(&mut rt, pc.clone(), "")
+        .await
+        .expect("fallback pod");
+    assert_eq!(pod_ips(&mut rt, &pod).await.0, "");
+    teardown(&mut rt, &pod).await;
+
+    // Unparsable: not ready, RunPodSandbox refused naming the file.
+    std::fs::write(conf_dir.join("10-test.conflist"), "{\"name\": ").expect("write");
+    let cond = network_ready(&mut rt).await;
+    assert!(!cond.status);
+    assert!(cond.message.contains("10-test.conflist"), "{cond:?}");
+    let err = run_pod(&mut rt, w.pod("broken"), "")
+        .await
+        .expect_err("no valid network");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("10-test.conflist") && err.message().contains("not JSON"),
+        "{err:?}"
+    );
+
+    // A plugin that is not installed.
+    let mut missing: serde_json::Value =
+        serde_json::from_str(&net.default_conflist()).expect("json");
+    missing["plugins"][1]["type"] = "no-such-plugin".into();
+    net.install(&w.agent, &missing.to_string());
+    let cond = network_ready(&mut rt).await;
+    assert!(!cond.status);
+    assert!(
+        cond.message.contains("no-such-plugin not found"),
+        "{cond:?}"
+    );
+
+    // Valid: ready without a restart.
+    net.install(&w.agent, &net.default_conflist());
+    let cond = network_ready(&mut rt).await;
+    assert!(cond.status, "{cond:?}");
+
+    // A plugin's own error ends up in the RunPodSandbox error, and nothing is left.
+    net.install(&w.agent, &net.conflist("10.99.44.0/33"));
+    let err = run_pod(&mut rt, w.pod("bad-subnet"), "")
+        .await
+        .expect_err("ADD fails");
+    assert!(
+        err.message().contains("plugin bridge ADD failed")
+            && err.message().contains("10.99.44.0/33"),
+        "{err:?}"
+    );
+    // The bridge plugin of Debian's 1.1.1 pins the bridge's MAC only after IPAM, and
+    // re-pins it later from a stale read: a new bridge whose first ADD failed has lost its
+    // only port, its MAC is zero on this kernel, and the next ADD fails with "could not
+    // set bridge's mac: invalid argument". Start over with a fresh bridge.
+    drop(
+        std::process::Command::new("ip")
+            .args(["link", "del", &net.bridge])
+            .status(),
+    );
+    assert_no_network_leaks(&w.agent);
+    w.agent.assert_no_leaks();
+
+    // usePodCidr: not ready until UpdateRuntimeConfig gives a pod CIDR, then used.
+    net.install(&w.agent, &net.conflist("usePodCidr"));
+    let cond = network_ready(&mut rt).await;
+    assert!(
+        !cond.status && cond.message.contains("usePodCidr"),
+        "{cond:?}"
+    );
+    rt.update_runtime_config(cri::UpdateRuntimeConfigRequest {
+        runtime_config: Some(cri::RuntimeConfig {
+            network_config: Some(cri::NetworkConfig {
+                pod_cidr: "10.99.44.128/25".into(),
+            }),
+        }),
+    })
+    .await
+    .expect("update runtime config");
+    assert!(network_ready(&mut rt).await.status);
+    let pod = run_pod(&mut rt, w.pod("cidr"), "").await.expect("pod");
+    let ip = pod_ips(&mut rt, &pod).await.0;
+    let last: u8 = ip
+        .rsplit('.')
+        .next()
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        in_subnet(&ip, 44) && last > 128,
+        "{ip:?} not in 10.99.44.128/25"
+    );
+    teardown(&mut rt, &pod).await;
+    assert!(net.leases().is_empty());
+    assert_no_network_leaks(&w.agent);
+    w.agent.assert_no_leaks();
+}
