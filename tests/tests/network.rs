@@ -41,7 +41,12 @@ impl Net {
     /// bridge (gateway 10.99.N.1, hairpin, no masquerade) + host-local + portmap +
     /// loopback.
     fn conflist(&self, subnet: &str) -> String {
-        serde_json::json!({
+        self.conflist_with(serde_json::json!([[{ "subnet": subnet }]]), None)
+    }
+
+    /// The same with host-local `ranges` given, and a plugin put first.
+    fn conflist_with(&self, ranges: serde_json::Value, first: Option<serde_json::Value>) -> String {
+        let mut v = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": self.name(),
             "plugins": [
@@ -53,15 +58,18 @@ impl Net {
                     "hairpinMode": true,
                     "ipam": {
                         "type": "host-local",
-                        "ranges": [[{"subnet": subnet}]],
+                        "ranges": ranges,
                         "dataDir": self.ipam.path(),
                     }
                 },
                 {"type": "portmap", "capabilities": {"portMappings": true}},
                 {"type": "loopback"}
             ]
-        })
-        .to_string()
+        });
+        if let (Some(p), Some(list)) = (first, v["plugins"].as_array_mut()) {
+            list.insert(0, p);
+        }
+        v.to_string()
     }
 
     fn default_conflist(&self) -> String {
@@ -167,9 +175,16 @@ async fn two_pods_talk_and_nothing_is_left() {
     assert!(ready.status, "NetworkReady: {ready:?}");
 
     let pa = w.pod("srv");
+    let t = std::time::Instant::now();
     let a = run_pod(&mut rt, pa.clone(), "").await.expect("pod a");
+    eprintln!(
+        "RunPodSandbox with CNI (first pod, bridge created): {:?}",
+        t.elapsed()
+    );
     let pb = w.pod("cli");
+    let t = std::time::Instant::now();
     let b = run_pod(&mut rt, pb.clone(), "").await.expect("pod b");
+    eprintln!("RunPodSandbox with CNI (second pod): {:?}", t.elapsed());
     let (ip_a, more_a) = pod_ips(&mut rt, &a).await;
     let (ip_b, _) = pod_ips(&mut rt, &b).await;
     assert!(in_subnet(&ip_a, 41), "pod a ip {ip_a:?}");
@@ -371,9 +386,11 @@ async fn broken_configs_and_plugin_errors() {
     assert_eq!(cond.reason, "NetworkPluginNotReady");
     assert!(cond.message.contains("no network config"), "{cond:?}");
     let pc = w.pod("fallback");
+    let t = std::time::Instant::now();
     let pod = run_pod(&mut rt, pc.clone(), "")
         .await
         .expect("fallback pod");
+    eprintln!("RunPodSandbox without a network config: {:?}", t.elapsed());
     assert_eq!(pod_ips(&mut rt, &pod).await.0, "");
     teardown(&mut rt, &pod).await;
 
@@ -462,4 +479,99 @@ async fn broken_configs_and_plugin_errors() {
     assert!(net.leases().is_empty());
     assert_no_network_leaks(&w.agent);
     w.agent.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn dual_stack_and_del_after_an_agent_restart() {
+    let net = Net::new(45);
+    let mut agent = Agent::start().await;
+    let mut rt = agent.runtime().await;
+    let ranges =
+        serde_json::json!([[{"subnet": "10.99.45.0/24"}], [{"subnet": "fd00:99:45::/64"}]]);
+    net.install(&agent, &net.conflist_with(ranges, None));
+    let pod = run_pod(&mut rt, pod_config("dual"), "").await.expect("pod");
+    let (ip, more) = pod_ips(&mut rt, &pod).await;
+    assert!(in_subnet(&ip, 45), "IPv4 first: {ip:?}");
+    assert_eq!(more.len(), 1, "{more:?}");
+    assert!(
+        more[0].starts_with("fd00:99:45::") && more[0].parse::<std::net::Ipv6Addr>().is_ok(),
+        "{more:?}"
+    );
+    assert_eq!(net.leases().len(), 2);
+
+    // DEL after a restart, with the conf dir emptied meanwhile: it runs from the cache.
+    agent.kill9();
+    agent.restart().await;
+    std::fs::remove_file(agent.cni_conf_dir().join("10-test.conflist")).expect("rm conflist");
+    let mut rt = agent.runtime().await;
+    assert!(!network_ready(&mut rt).await.status);
+    teardown(&mut rt, &pod).await;
+    assert!(net.leases().is_empty(), "leases left: {:?}", net.leases());
+    assert!(net.ports().is_empty(), "veths left: {:?}", net.ports());
+    assert_no_network_leaks(&agent);
+    agent.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn failed_del_is_retried_by_remove() {
+    use std::os::unix::fs::PermissionsExt;
+    let net = Net::new(46);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (conf, bin) = (dir.path().join("net.d"), dir.path().join("bin"));
+    std::fs::create_dir_all(&conf).expect("conf dir");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    let marker = dir.path().join("refuse-del");
+    // A plugin whose DEL fails while the marker exists (first in the list, so its empty
+    // ADD result does not hide the bridge's).
+    let script = format!(
+        "#!/bin/sh\ncat >/dev/null\ncase \"$CNI_COMMAND\" in\nADD) echo '{{\"cniVersion\":\"1.0.0\"}}' ;;\nDEL) if [ -e {m} ]; then echo '{{\"cniVersion\":\"1.0.0\",\"code\":999,\"msg\":\"flaky DEL refused\",\"details\":\"marker present\"}}'; exit 1; fi ;;\nVERSION) echo '{{\"cniVersion\":\"1.0.0\",\"supportedVersions\":[\"0.4.0\",\"1.0.0\"]}}' ;;\nesac\n",
+        m = marker.display()
+    );
+    std::fs::write(bin.join("flaky"), script).expect("plugin");
+    std::fs::set_permissions(bin.join("flaky"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let agent = Agent::start_with(AgentOptions {
+        config: format!(
+            "[cni]\nconf_dir = {conf:?}\nbin_dirs = [{bin:?}, \"/usr/lib/cni\", \"/opt/cni/bin\"]\n"
+        ),
+    })
+    .await;
+    let list = net.conflist_with(
+        serde_json::json!([[{"subnet": "10.99.46.0/24"}]]),
+        Some(serde_json::json!({"type": "flaky"})),
+    );
+    std::fs::write(conf.join("10-test.conflist"), list).expect("conflist");
+    let mut rt = agent.runtime().await;
+    let pod = run_pod(&mut rt, pod_config("flaky"), "")
+        .await
+        .expect("pod");
+    let (ip, _) = pod_ips(&mut rt, &pod).await;
+    assert!(in_subnet(&ip, 46), "{ip:?}");
+
+    std::fs::write(&marker, "").expect("marker");
+    for _ in 0..2 {
+        let err = rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect_err("DEL fails");
+        assert!(err.message().contains("flaky DEL refused"), "{err:?}");
+    }
+    let st = pod_status(&mut rt, &pod, false)
+        .await
+        .expect("status")
+        .status
+        .expect("body");
+    assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
+    std::fs::remove_file(&marker).expect("rm marker");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("remove retries DEL");
+    assert!(net.leases().is_empty(), "leases left: {:?}", net.leases());
+    assert!(net.ports().is_empty(), "veths left: {:?}", net.ports());
+    assert_no_network_leaks(&agent);
+    agent.assert_no_leaks();
 }
