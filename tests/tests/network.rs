@@ -394,6 +394,14 @@ async fn broken_configs_and_plugin_errors() {
     assert_eq!(pod_ips(&mut rt, &pod).await.0, "");
     teardown(&mut rt, &pod).await;
 
+    // Pod metadata cannot smuggle arguments into CNI_ARGS.
+    let mut sneaky = w.pod("sneaky");
+    if let Some(md) = sneaky.metadata.as_mut() {
+        md.name = "sneaky;IP=10.99.44.7".into();
+    }
+    let err = run_pod(&mut rt, sneaky, "").await.expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
     // Unparsable: not ready, RunPodSandbox refused naming the file.
     std::fs::write(conf_dir.join("10-test.conflist"), "{\"name\": ").expect("write");
     let cond = network_ready(&mut rt).await;

@@ -39,6 +39,13 @@ pub fn validate(req: &cri::RunPodSandboxRequest) -> Result<&cri::PodSandboxConfi
                 "config.metadata.{field} must not be empty"
             )));
         }
+        // They travel to CNI plugins in CNI_ARGS (`K=V;K=V`): a `;` or `=` would smuggle
+        // in arguments of the client's choosing (an IP for static IPAM, say).
+        if value.contains([';', '=']) || value.chars().any(char::is_control) {
+            return Err(CriError::InvalidArgument(format!(
+                "config.metadata.{field} {value:?} must not contain ';', '=' or control characters"
+            )));
+        }
     }
     if md.attempt > u32::MAX / 2 {
         return Err(CriError::InvalidArgument(
