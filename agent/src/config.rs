@@ -80,6 +80,8 @@ pub struct Config {
     pub shutdown_grace_seconds: u64,
     /// Registries: mirrors and plain-HTTP registries (`isola_images::RegistryConfig`).
     pub registry: isola_images::RegistryConfig,
+    /// The exec/attach/port-forward streaming server.
+    pub streaming: StreamingConfig,
     /// Pod networking through CNI plugins.
     pub cni: CniConfig,
 }
@@ -107,6 +109,25 @@ impl Default for CniConfig {
     }
 }
 
+/// The streaming server that CRI Exec, Attach and PortForward hand out URLs of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// `host:port` to listen on; port 0 picks a free port (the URLs carry the real one).
+    pub address: String,
+    /// Seconds a URL's single-use token stays valid.
+    pub token_ttl_seconds: u64,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: "127.0.0.1:10350".into(),
+            token_ttl_seconds: 60,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -123,6 +144,7 @@ impl Default for Config {
             shim_start_timeout_seconds: 10,
             shutdown_grace_seconds: 10,
             registry: isola_images::RegistryConfig::default(),
+            streaming: StreamingConfig::default(),
             cni: CniConfig::default(),
         }
     }
@@ -185,6 +207,13 @@ registry = { mirrors = {}, insecure_registries = [], max_concurrent_downloads = 
 # `plugin_timeout_seconds`: how long one plugin call may take before it is killed.
 # In a file of your own you may write this as a [cni] table instead.
 cni = { conf_dir = "/etc/cni/net.d", bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"], plugin_timeout_seconds = 60 }
+
+# The exec/attach/port-forward streaming server: CRI Exec, Attach and PortForward answer
+# with URLs on it. `address`: host:port to listen on (loopback: kubelet and crictl run
+# on the node); port 0 picks a free port. `token_ttl_seconds`: how long a URL's
+# single-use token stays valid. In a file of your own you may write this as a
+# [streaming] table instead.
+streaming = { address = "127.0.0.1:10350", token_ttl_seconds = 60 }
 "#;
 
 impl Config {
@@ -235,6 +264,22 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "cni.plugin_timeout_seconds must be at least 1".into(),
             ));
+        }
+        if self.streaming.token_ttl_seconds == 0 {
+            return Err(ConfigError::Invalid(
+                "streaming.token_ttl_seconds must be at least 1".into(),
+            ));
+        }
+        if self
+            .streaming
+            .address
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "streaming.address must be ip:port, got {:?}",
+                self.streaming.address
+            )));
         }
         if self.shim_start_timeout_seconds == 0 {
             return Err(ConfigError::Invalid(

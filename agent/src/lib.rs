@@ -12,3 +12,4 @@ pub mod rollback;
 pub mod runtime;
 pub mod server;
 pub mod shim;
+pub mod streaming;

@@ -44,6 +44,8 @@ pub struct Runtime {
     pub events: broadcast::Sender<cri::ContainerEventResponse>,
     /// Turns true when the agent shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Parked exec/attach/port-forward requests and the streaming server's address.
+    pub streaming: crate::streaming::Streaming,
     clients: Mutex<HashMap<String, Client>>,
     pod_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -63,6 +65,7 @@ impl Runtime {
             config.log_format,
         );
         let (events, _) = broadcast::channel(1024);
+        let streaming = crate::streaming::Streaming::new(&config.streaming);
         let network = crate::network::Network::new(&config);
         Arc::new(Runtime {
             network,
@@ -72,6 +75,7 @@ impl Runtime {
             images,
             shims,
             events,
+            streaming,
             shutdown,
             clients: Mutex::new(HashMap::new()),
             pod_locks: Mutex::new(HashMap::new()),

@@ -100,6 +100,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     rt.recover().await;
 
     let listener = bind_socket(&config).await?;
+    let streaming = crate::streaming::server::bind(&rt).await?;
+    tokio::spawn(crate::streaming::server::serve(
+        streaming,
+        rt.clone(),
+        shutdown_rx.clone(),
+    ));
     info!(
         socket = %config.socket.display(),
         root = %config.root.display(),

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod fixtures;
 pub mod registry;
+pub mod streaming_client;
 
 /// A CRI runtime client.
 pub type Runtime = RuntimeServiceClient<Channel>;
@@ -146,8 +147,14 @@ impl Agent {
         } else {
             format!("[cni]\nconf_dir = {:?}\n", self.cni_conf_dir())
         };
+        // Each agent of a test run streams on a free port of its own.
+        let streaming = if self.options.config.contains("[streaming]") {
+            ""
+        } else {
+            "[streaming]\naddress = \"127.0.0.1:0\"\n"
+        };
         let config = format!(
-            "runtime_classes_dir = {:?}\nshim_dir = {:?}\nlog_level = \"debug\"\n{}\n{cni}",
+            "runtime_classes_dir = {:?}\nshim_dir = {:?}\nlog_level = \"debug\"\n{}\n{cni}{streaming}",
             classes,
             bin_dir(),
             self.options.config

@@ -1,5 +1,5 @@
-//! Exec, Attach and PortForward: validated here; they hand out URLs of a streaming
-//! server, which is not built yet.
+//! Exec, Attach and PortForward: validated here, then parked in the streaming server
+//! under a single-use token; the answer is the URL holding that token.
 
 use isola_proto::cri;
 
@@ -7,7 +7,7 @@ use super::CriError;
 use crate::records::ContainerState;
 use crate::runtime::Runtime;
 
-const NO_STREAMING: &str = "the streaming server (exec/attach/port-forward URLs) is not built yet";
+use crate::streaming::{Request, Streams};
 
 fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), CriError> {
     if !(stdin || stdout || stderr) {
@@ -24,7 +24,7 @@ fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(
 }
 
 impl Runtime {
-    fn running_container(&self, id: &str) -> Result<(), CriError> {
+    fn running_container(&self, id: &str) -> Result<String, CriError> {
         let c = self.find_container(id)?;
         if c.state != ContainerState::Running {
             return Err(CriError::FailedPrecondition(format!(
@@ -32,24 +32,49 @@ impl Runtime {
                 c.id
             )));
         }
-        Ok(())
+        Ok(c.id)
+    }
+
+    fn park(&self, req: Request) -> Result<String, CriError> {
+        self.streaming
+            .url_for(req)
+            .map_err(|e| CriError::Unavailable(e.to_string()))
     }
 
     /// Exec.
     pub fn exec(&self, req: cri::ExecRequest) -> Result<cri::ExecResponse, CriError> {
-        self.running_container(&req.container_id)?;
+        let container_id = self.running_container(&req.container_id)?;
         if req.cmd.is_empty() {
             return Err(CriError::InvalidArgument("cmd must not be empty".into()));
         }
         check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
-        Err(CriError::Unimplemented(format!("Exec: {NO_STREAMING}")))
+        let url = self.park(Request::Exec {
+            container_id,
+            cmd: req.cmd,
+            streams: Streams {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                tty: req.tty,
+            },
+        })?;
+        Ok(cri::ExecResponse { url })
     }
 
     /// Attach.
     pub fn attach(&self, req: cri::AttachRequest) -> Result<cri::AttachResponse, CriError> {
-        self.running_container(&req.container_id)?;
+        let container_id = self.running_container(&req.container_id)?;
         check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
-        Err(CriError::Unimplemented(format!("Attach: {NO_STREAMING}")))
+        let url = self.park(Request::Attach {
+            container_id,
+            streams: Streams {
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+                tty: req.tty,
+            },
+        })?;
+        Ok(cri::AttachResponse { url })
     }
 
     /// PortForward.
@@ -69,8 +94,10 @@ impl Runtime {
                 "port {p} is not a TCP port number"
             )));
         }
-        Err(CriError::Unimplemented(format!(
-            "PortForward: {NO_STREAMING}"
-        )))
+        let url = self.park(Request::PortForward {
+            sandbox_id: sb.id,
+            ports: req.port.iter().map(|p| *p as u16).collect(),
+        })?;
+        Ok(cri::PortForwardResponse { url })
     }
 }

@@ -99,6 +99,18 @@ impl Ctr {
     }
 }
 
+/// A process started by [`Containers::spawn_exec`] and the shim's ends of its pipes.
+pub struct ExecPipes {
+    /// Its pid (a child of the shim).
+    pub pid: i32,
+    /// Its stdin, when asked for.
+    pub stdin: Option<OwnedFd>,
+    /// Its stdout.
+    pub stdout: OwnedFd,
+    /// Its stderr.
+    pub stderr: OwnedFd,
+}
+
 /// The table of a pod's containers.
 pub struct Containers {
     runner: Runner,
@@ -651,6 +663,52 @@ impl Containers {
             stderr: grab(err_t),
             exit_code: exit.code,
             timed_out,
+        })
+    }
+
+    /// Starts a command in a running container with pipes for its stdio (blocking); the
+    /// caller waits for the returned pid.
+    pub fn spawn_exec(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        stdin: bool,
+    ) -> Result<ExecPipes, CtrError> {
+        let c = self.get(id)?;
+        if c.state() != sp::ContainerState::Running {
+            return Err(CtrError::State(format!("container {id} is not running")));
+        }
+        if cmd.is_empty() {
+            return Err(CtrError::Invalid("cmd must not be empty".into()));
+        }
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (in_keep, in_give) = if stdin {
+            let (r, w) = pipe()?;
+            (Some(w), Some(r))
+        } else {
+            (None, None)
+        };
+        let pid = {
+            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.runner.exec(
+                id,
+                cmd,
+                HashMap::new(),
+                Stdio {
+                    stdin: in_give,
+                    stdout: out_w,
+                    stderr: err_w,
+                },
+                &c.bundle,
+            )
+        }
+        .map_err(|e| CtrError::Failed(e.to_string()))?;
+        Ok(ExecPipes {
+            pid,
+            stdin: in_keep,
+            stdout: out_r,
+            stderr: err_r,
         })
     }
 

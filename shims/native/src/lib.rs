@@ -7,3 +7,4 @@ pub mod daemon;
 pub mod pause;
 pub mod sandbox;
 pub mod service;
+pub mod streams;

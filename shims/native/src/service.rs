@@ -369,11 +369,26 @@ impl Shim for NativeShim {
 
     async fn exec(
         &self,
-        _r: Request<tonic::Streaming<StreamInput>>,
+        r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(Status::unimplemented(
-            "Exec streams (kubectl exec) are not built yet; ExecSync works",
-        ))
+        let mut input = r.into_inner();
+        let start = match input.message().await? {
+            Some(StreamInput {
+                kind: Some(stream_input::Kind::Start(s)),
+            }) => s,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of Exec must be start",
+                ))
+            }
+        };
+        let containers = self.containers()?;
+        containers.get(&start.container_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::streams::exec(containers, start, input, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type AttachStream = Stream2<StreamOutput>;
@@ -389,11 +404,22 @@ impl Shim for NativeShim {
 
     async fn port_forward(
         &self,
-        _r: Request<tonic::Streaming<PortForwardInput>>,
+        r: Request<tonic::Streaming<PortForwardInput>>,
     ) -> Result<Response<Self::PortForwardStream>, Status> {
-        Err(Status::unimplemented(
-            "PortForward streams are not built yet",
-        ))
+        let infra_pid = self
+            .inner
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.infra_pid)
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Status::failed_precondition("the pod sandbox is not created"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::streams::port_forward(infra_pid, r.into_inner(), tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn stats(
