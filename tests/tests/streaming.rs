@@ -330,3 +330,184 @@ async fn websocket_exec_and_port_forward() {
     );
     teardown(&mut rt, &pod).await;
 }
+
+async fn read_until(s: &mut isola_streaming::spdy::Stream, seen: &mut Vec<u8>, want: &str) -> bool {
+    let f = async {
+        while !String::from_utf8_lossy(seen).contains(want) {
+            match s.read().await {
+                Some(b) => seen.extend_from_slice(&b),
+                None => return false,
+            }
+        }
+        true
+    };
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn tty_exec_follows_resizes() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let pc = w.pod("tty");
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
+    let url = exec_url(&mut rt, &id, &["sh"], true, true).await;
+    let (session, _) = spdy_connect(&url, &[channel::V4]).await.unwrap().unwrap();
+    let mut r = Remote::open(session, true, true, false, true)
+        .await
+        .expect("streams");
+    let mut stdout = r.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    for (w_, h) in [(100u16, 30u16), (120, 40)] {
+        r.resize(w_, h).await.unwrap();
+        // The resize and the command travel on different streams: ask until it shows.
+        let want = format!("{h} {w_}");
+        let mut ok = false;
+        for _ in 0..20 {
+            r.write_stdin(b"stty size\n").await.unwrap();
+            if tokio::time::timeout(
+                Duration::from_millis(500),
+                read_until(&mut stdout, &mut seen, &want),
+            )
+            .await
+            .unwrap_or(false)
+            {
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "no {want:?} in {:?}", String::from_utf8_lossy(&seen));
+    }
+    r.write_stdin(b"exit 3\n").await.unwrap();
+    r.stdout = Some(stdout);
+    let o = r.finish().await.unwrap();
+    assert_eq!(
+        o.exit_code(),
+        Some(3),
+        "{:?}",
+        String::from_utf8_lossy(&o.error)
+    );
+    teardown(&mut rt, &pod).await;
+}
+
+fn with_stdin(mut c: cri::ContainerConfig, tty: bool) -> cri::ContainerConfig {
+    c.stdin = true;
+    c.tty = tty;
+    c
+}
+
+async fn attach_url(rt: &mut Runtime, id: &str, tty: bool) -> String {
+    rt.attach(cri::AttachRequest {
+        container_id: id.into(),
+        stdin: true,
+        tty,
+        stdout: true,
+        stderr: !tty,
+    })
+    .await
+    .expect("Attach")
+    .into_inner()
+    .url
+}
+
+#[tokio::test]
+async fn attach_joins_the_containers_stdio() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let pc = w.pod("attach");
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    // A plain container echoing its stdin, and a TTY one running a shell.
+    let plain = run(
+        &mut rt,
+        &pod,
+        &pc,
+        with_stdin(w.sh("plain", "while read l; do echo echo:$l; done"), false),
+    )
+    .await;
+    let tty = run(&mut rt, &pod, &pc, with_stdin(w.sh("tty", "exec sh"), true)).await;
+
+    // Over SPDY.
+    let url = attach_url(&mut rt, &plain, false).await;
+    let (session, _) = spdy_connect(&url, &[channel::V4]).await.unwrap().unwrap();
+    let mut r = Remote::open(session, true, true, true, false)
+        .await
+        .unwrap();
+    let mut out = r.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    r.write_stdin(b"one\n").await.unwrap();
+    assert!(
+        read_until(&mut out, &mut seen, "echo:one").await,
+        "{:?}",
+        String::from_utf8_lossy(&seen)
+    );
+    drop((r, out));
+
+    // Over WebSocket, a second client of the same container.
+    {
+        use futures::{SinkExt, StreamExt};
+        let url = attach_url(&mut rt, &plain, false).await;
+        let (mut ws, _) = ws_connect(&url, &[channel::V5]).await.unwrap().unwrap();
+        ws.send(ws_message(channel::CH_STDIN, b"two\n"))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let f = async {
+            while let Some(Ok(m)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Binary(b) = m {
+                    if b.first() == Some(&channel::CH_STDOUT) {
+                        got.extend_from_slice(&b[1..]);
+                        if String::from_utf8_lossy(&got).contains("echo:two") {
+                            return true;
+                        }
+                    }
+                }
+            }
+            false
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), f)
+                .await
+                .unwrap_or(false),
+            "{:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+
+    // The TTY container: its shell answers on the terminal.
+    let url = attach_url(&mut rt, &tty, true).await;
+    let (session, _) = spdy_connect(&url, &[channel::V4]).await.unwrap().unwrap();
+    let mut r = Remote::open(session, true, true, false, true)
+        .await
+        .unwrap();
+    let mut out = r.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    r.resize(77, 22).await.unwrap();
+    let mut ok = false;
+    for _ in 0..20 {
+        r.write_stdin(b"stty size\n").await.unwrap();
+        if tokio::time::timeout(
+            Duration::from_millis(500),
+            read_until(&mut out, &mut seen, "22 77"),
+        )
+        .await
+        .unwrap_or(false)
+        {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "{:?}", String::from_utf8_lossy(&seen));
+    // Ending the shell ends the attach with the container's exit code.
+    r.write_stdin(b"exit 4\n").await.unwrap();
+    r.stdout = Some(out);
+    let o = r.finish().await.unwrap();
+    assert_eq!(
+        o.exit_code(),
+        Some(4),
+        "{:?}",
+        String::from_utf8_lossy(&o.error)
+    );
+    teardown(&mut rt, &pod).await;
+}

@@ -256,7 +256,15 @@ pub async fn serve_spdy(
     let error = got.get(&StreamType::Error).map(Stream::writer);
     let mut out = run_process(&rt, &req, in_rx).await;
     let mut status = Status::internal("the process output ended without a status");
-    while let Some(o) = out.recv().await {
+    loop {
+        let o = tokio::select! {
+            o = out.recv() => match o {
+                Some(o) => o,
+                None => break,
+            },
+            // The client went away (an attach does not end with it otherwise).
+            _ = session.closed() => return,
+        };
         match o {
             Output::Stdout(b) => {
                 if let Some(w) = &stdout {

@@ -91,7 +91,9 @@ pub async fn serve_remotecommand(
     let v5 = protocol.ends_with(channel::V5);
     let (mut sink, mut stream) = accept(io).await.split();
     let (in_tx, in_rx) = mpsc::channel(64);
+    let (gone_tx, mut gone) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
+        let _gone = gone_tx;
         let mut sizes = Vec::new();
         while let Some(Ok(m)) = stream.next().await {
             if m.is_close() {
@@ -136,10 +138,18 @@ pub async fn serve_remotecommand(
         let _ = in_tx
             .send(input_of(sp::stream_input::Kind::StdinClose(true)))
             .await;
+        // The client is gone: `_gone` drops here and wakes the output loop.
     });
     let mut out = run_process(&rt, &req, in_rx).await;
     let mut status = Status::internal("the process output ended without a status");
-    while let Some(o) = out.recv().await {
+    loop {
+        let o = tokio::select! {
+            o = out.recv() => match o {
+                Some(o) => o,
+                None => break,
+            },
+            _ = gone.changed() => return,
+        };
         let m = match o {
             Output::Stdout(b) => codec.encode(channel::CH_STDOUT, &b),
             Output::Stderr(b) => codec.encode(channel::CH_STDERR, &b),

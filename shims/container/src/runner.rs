@@ -67,14 +67,37 @@ impl Runner {
     /// Creates the container from `bundle/config.json`; returns its init's pid. The
     /// process exists, in its namespaces and cgroup, and waits for [`Runner::start`].
     pub fn create(&self, id: &str, bundle: &Path, stdio: Stdio) -> Result<i32, RunError> {
+        self.create_inner(id, bundle, Some(stdio), None)
+    }
+
+    /// Creates a container whose process has a terminal (`process.terminal` in the
+    /// spec): libcontainer sends the pty master over the unix socket at `console`.
+    pub fn create_with_console(
+        &self,
+        id: &str,
+        bundle: &Path,
+        console: &Path,
+    ) -> Result<i32, RunError> {
+        self.create_inner(id, bundle, None, Some(console))
+    }
+
+    fn create_inner(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: Option<Stdio>,
+        console: Option<&Path>,
+    ) -> Result<i32, RunError> {
         std::fs::create_dir_all(&self.root).map_err(|e| err("create", id, e))?;
         let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(&self.root)
             .map_err(|e| err("create", id, e))?
-            .with_stdout(stdio.stdout)
-            .with_stderr(stdio.stderr);
-        if let Some(i) = stdio.stdin {
-            b = b.with_stdin(i);
+            .with_console_socket(console);
+        if let Some(stdio) = stdio {
+            b = b.with_stdout(stdio.stdout).with_stderr(stdio.stderr);
+            if let Some(i) = stdio.stdin {
+                b = b.with_stdin(i);
+            }
         }
         let c = b
             .as_init(bundle)
@@ -137,6 +160,29 @@ impl Runner {
             .with_detach(true)
             .build()
             .map_err(|e| err("exec", id, format!("{e} (bundle {})", bundle.display())))?;
+        Ok(pid.as_raw())
+    }
+}
+
+impl Runner {
+    /// Runs the process described by `process` (an OCI process JSON with `terminal`
+    /// set) in the container; its pty master is sent over the unix socket at `console`.
+    /// Returns its pid (a child of the caller).
+    pub fn exec_with_console(
+        &self,
+        id: &str,
+        process: &Path,
+        console: &Path,
+    ) -> Result<i32, RunError> {
+        let pid = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(&self.root)
+            .map_err(|e| err("exec", id, e))?
+            .with_console_socket(Some(console))
+            .as_tenant()
+            .with_process(Some(process))
+            .with_detach(true)
+            .build()
+            .map_err(|e| err("exec", id, e))?;
         Ok(pid.as_raw())
     }
 }

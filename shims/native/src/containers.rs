@@ -56,6 +56,43 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
+/// A piece of a container's output, for attached clients.
+#[derive(Clone)]
+pub struct OutChunk {
+    /// From stderr (else stdout or the terminal).
+    pub stderr: bool,
+    /// The bytes.
+    pub data: Arc<[u8]>,
+}
+
+/// A reader that also hands every chunk it reads to attached clients.
+struct Tee<R> {
+    inner: R,
+    stderr: bool,
+    out: broadcast::Sender<OutChunk>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            // Nobody attached is fine.
+            let _ = self.out.send(OutChunk {
+                stderr: self.stderr,
+                data: Arc::from(&buf[..n]),
+            });
+        }
+        Ok(n)
+    }
+}
+
+/// A short path for a console socket (a unix socket path must fit in 108 bytes).
+fn console_path() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("isola-tty-{}-{n}.sock", std::process::id()))
+}
+
 /// One container.
 pub struct Ctr {
     /// Its id.
@@ -70,8 +107,14 @@ pub struct Ctr {
     status: Mutex<sp::ContainerStatus>,
     exited: watch::Sender<bool>,
     rootfs_mounted: Mutex<bool>,
-    /// The container's stdin (attach), when it asked for one.
+    /// The container's stdin (attach), when it asked for one (and has no terminal).
     pub stdin: Mutex<Option<OwnedFd>>,
+    /// Whether stdin closes when the first attached client closes it.
+    pub stdin_once: bool,
+    /// The master of its terminal (TTY containers).
+    pub tty: Option<Arc<std::fs::File>>,
+    /// Its output as it is logged, for attached clients.
+    pub output: broadcast::Sender<OutChunk>,
 }
 
 impl Ctr {
@@ -325,11 +368,6 @@ impl Containers {
         }
         let config = cri::ContainerConfig::decode(req.container_config.as_slice())
             .map_err(|e| CtrError::Invalid(format!("container_config: {e}")))?;
-        if config.tty {
-            return Err(CtrError::Unsupported(
-                "config.tty: TTY containers (console socket) are not supported by the native shim yet".into(),
-            ));
-        }
         let image = ImageConfig::from_json(&req.image_config_json)
             .map_err(|e| CtrError::Invalid(e.to_string()))?;
         let bundle = if req.state_dir.is_empty() {
@@ -386,38 +424,79 @@ impl Containers {
                     .map_err(|e| CtrError::Failed(format!("opening log {log_path}: {e}")))?,
             )
         };
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let (stdin_keep, stdin_give) = if config.stdin {
-            let (r, w) = pipe()?;
-            (Some(w), Some(r))
-        } else {
-            (None, None)
-        };
-        // Pumps run before create so that libcontainer's init errors (written to the
-        // container's stderr) reach the log too.
-        let pumps = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)].map(|(fd, stream)| {
+        let (output, _) = broadcast::channel::<OutChunk>(256);
+        let pump_into = |reader: Box<dyn Read + Send>, stream: Stream| {
             let log = log.clone();
+            let tee = Tee {
+                inner: reader,
+                stderr: stream == Stream::Stderr,
+                out: output.clone(),
+            };
             std::thread::spawn(move || match log {
-                Some(l) => logs::pump(std::fs::File::from(fd), stream, l),
+                Some(l) => logs::pump(tee, stream, l),
                 None => {
-                    let _ = std::io::copy(&mut std::fs::File::from(fd), &mut std::io::sink());
+                    let mut tee = tee;
+                    let _ = std::io::copy(&mut tee, &mut std::io::sink());
                 }
             })
-        });
-        let pid = {
+        };
+        let mut pumps = Vec::new();
+        let mut stdin_keep = None;
+        let mut tty = None;
+        let pid = if config.tty {
+            // The terminal carries stdin, stdout and stderr; its output is logged as stdout.
+            let console = crate::console::ConsoleSocket::bind(&console_path())
+                .map_err(|e| CtrError::Failed(format!("console socket: {e}")))?;
+            let pid = {
+                let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
+                self.runner.create_with_console(id, bundle, console.path())
+            }
+            .map_err(|e| CtrError::Failed(e.to_string()))?;
+            let master = console
+                .receive()
+                .map_err(|e| CtrError::Failed(format!("receiving the terminal: {e}")))?;
+            let reader = master
+                .try_clone()
+                .map_err(|e| CtrError::Failed(format!("dup of the terminal: {e}")))?;
+            pumps.push(pump_into(
+                Box::new(std::fs::File::from(reader)),
+                Stream::Stdout,
+            ));
+            tty = Some(Arc::new(std::fs::File::from(master)));
+            pid
+        } else {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let stdin_give = if config.stdin {
+                let (r, w) = pipe()?;
+                stdin_keep = Some(w);
+                Some(r)
+            } else {
+                None
+            };
+            // Pumps run before create so that libcontainer's init errors (written to the
+            // container's stderr) reach the log too.
+            pumps.push(pump_into(
+                Box::new(std::fs::File::from(out_r)),
+                Stream::Stdout,
+            ));
+            pumps.push(pump_into(
+                Box::new(std::fs::File::from(err_r)),
+                Stream::Stderr,
+            ));
             let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.runner.create(
-                id,
-                bundle,
-                Stdio {
-                    stdin: stdin_give,
-                    stdout: out_w,
-                    stderr: err_w,
-                },
-            )
-        }
-        .map_err(|e| CtrError::Failed(e.to_string()))?;
+            self.runner
+                .create(
+                    id,
+                    bundle,
+                    Stdio {
+                        stdin: stdin_give,
+                        stdout: out_w,
+                        stderr: err_w,
+                    },
+                )
+                .map_err(|e| CtrError::Failed(e.to_string()))?
+        };
         if let Some(adj) = g.oom_score_adj {
             if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), adj.to_string()) {
                 warn!(pid, adj, error = %e, "setting oom_score_adj");
@@ -440,6 +519,9 @@ impl Containers {
             exited,
             rootfs_mounted: Mutex::new(true),
             stdin: Mutex::new(stdin_keep),
+            stdin_once: config.stdin_once,
+            tty,
+            output,
         });
         self.map().insert(id.to_owned(), ctr.clone());
         let waiter = ctr.clone();
@@ -710,6 +792,46 @@ impl Containers {
             stdout: out_r,
             stderr: err_r,
         })
+    }
+
+    /// Starts a command with a terminal in a running container (blocking); returns its
+    /// pid and the terminal's master.
+    pub fn spawn_exec_tty(&self, id: &str, cmd: Vec<String>) -> Result<(i32, OwnedFd), CtrError> {
+        let c = self.get(id)?;
+        if c.state() != sp::ContainerState::Running {
+            return Err(CtrError::State(format!("container {id} is not running")));
+        }
+        if cmd.is_empty() {
+            return Err(CtrError::Invalid("cmd must not be empty".into()));
+        }
+        // The container's own process (user, env, cwd, capabilities) with this command
+        // and a terminal.
+        let spec: serde_json::Value = std::fs::read(c.bundle.join("config.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| CtrError::Failed("reading the bundle's config.json".into()))?;
+        let mut process = spec
+            .get("process")
+            .cloned()
+            .ok_or_else(|| CtrError::Failed("config.json has no process".into()))?;
+        process["args"] = serde_json::json!(cmd);
+        process["terminal"] = serde_json::json!(true);
+        let console = crate::console::ConsoleSocket::bind(&console_path())
+            .map_err(|e| CtrError::Failed(format!("console socket: {e}")))?;
+        let process_path = console.path().with_extension("json");
+        std::fs::write(&process_path, process.to_string())
+            .map_err(|e| CtrError::Failed(format!("writing the exec process: {e}")))?;
+        let pid = {
+            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.runner
+                .exec_with_console(id, &process_path, console.path())
+        };
+        let _ = std::fs::remove_file(&process_path);
+        let pid = pid.map_err(|e| CtrError::Failed(e.to_string()))?;
+        let master = console
+            .receive()
+            .map_err(|e| CtrError::Failed(format!("receiving the terminal: {e}")))?;
+        Ok((pid, master))
     }
 
     /// Reopens a container's log file.

@@ -2,6 +2,7 @@
 //! (proto/shim.proto) on a unix socket for the agent. The pod's namespaces are held by an
 //! infra process ([`pause`]); containers run through libcontainer ([`containers`]).
 
+pub mod console;
 pub mod containers;
 pub mod daemon;
 pub mod pause;

@@ -395,9 +395,26 @@ impl Shim for NativeShim {
 
     async fn attach(
         &self,
-        _r: Request<tonic::Streaming<StreamInput>>,
+        r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        Err(Status::unimplemented("Attach streams are not built yet"))
+        let mut input = r.into_inner();
+        let start = match input.message().await? {
+            Some(StreamInput {
+                kind: Some(stream_input::Kind::Start(s)),
+            }) => s,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of Attach must be start",
+                ))
+            }
+        };
+        let containers = self.containers()?;
+        containers.get(&start.container_id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::streams::attach(containers, start, input, tx));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     type PortForwardStream = Stream2<PortForwardOutput>;

@@ -1,5 +1,5 @@
 //! The streaming calls of the shim API: Exec (a new process in a container, its stdio
-//! carried on the call) and PortForward (a TCP connection made inside the pod's network
+//! or terminal carried on the call), Attach (the container's own stdio) and PortForward (a TCP connection made inside the pod's network
 //! namespace).
 
 use std::os::fd::OwnedFd;
@@ -57,12 +57,7 @@ pub async fn exec(
     tx: Out,
 ) {
     if start.tty {
-        let _ = tx
-            .send(Err(Status::unimplemented(
-                "exec with a TTY is not supported by the native shim yet",
-            )))
-            .await;
-        return;
+        return exec_tty(containers, start, input, tx).await;
     }
     let id = start.container_id.clone();
     let c2 = containers.clone();
@@ -214,6 +209,210 @@ pub async fn port_forward(
                     .await;
                 return;
             }
+        }
+    }
+}
+
+/// Runs an exec with a terminal: output is the terminal's, stdin goes to it, resizes
+/// set its size.
+async fn exec_tty(
+    containers: Arc<Containers>,
+    start: sp::StreamStart,
+    input: tonic::Streaming<sp::StreamInput>,
+    tx: Out,
+) {
+    let id = start.container_id.clone();
+    let spawned = tokio::task::spawn_blocking(move || {
+        containers.spawn_exec_tty(&start.container_id, start.cmd)
+    })
+    .await;
+    let (pid, master) = match spawned {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+        Err(e) => {
+            let _ = tx
+                .send(Err(Status::internal(format!("worker thread: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let master = Arc::new(std::fs::File::from(master));
+    let reader = read_terminal(master.clone(), tx.clone());
+    tokio::spawn(feed_terminal(master, input));
+    let exit = tokio::task::spawn_blocking(move || isola_container::runner::wait(pid))
+        .await
+        .unwrap_or(isola_container::runner::Exit {
+            code: 255,
+            signal: None,
+        });
+    let _ = tokio::time::timeout(DRAIN_GRACE, reader).await;
+    debug!(container = %id, pid, code = exit.code, "tty exec ended");
+    let status = sp::ContainerStatus {
+        container_id: id,
+        state: sp::ContainerState::Exited as i32,
+        pid: pid as u32,
+        exit_code: exit.code,
+        ..Default::default()
+    };
+    let _ = tx.send(out(sp::stream_output::Kind::Exit(status))).await;
+}
+
+/// Reads a terminal's output (on a thread: a pty master reads block) until it ends.
+fn read_terminal(master: Arc<std::fs::File>, tx: Out) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            // EIO once every slave side is closed: the process and its children are gone.
+            match (&*master).read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(out(sp::stream_output::Kind::Stdout(buf[..n].to_vec())))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Writes stdin to a terminal and applies resizes.
+async fn feed_terminal(master: Arc<std::fs::File>, mut input: tonic::Streaming<sp::StreamInput>) {
+    while let Ok(Some(m)) = input.message().await {
+        match m.kind {
+            Some(sp::stream_input::Kind::Stdin(b)) => {
+                let m = master.clone();
+                let w = tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    (&*m).write_all(&b)
+                })
+                .await;
+                if !matches!(w, Ok(Ok(()))) {
+                    return;
+                }
+            }
+            Some(sp::stream_input::Kind::Resize(r)) => {
+                let (w, h) = (r.width.min(u16::MAX as u32), r.height.min(u16::MAX as u32));
+                if let Err(e) = crate::console::resize(&*master, w as u16, h as u16) {
+                    debug!(error = %e, "resizing a terminal");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Joins a container's own stdio: its output (as logged) from now on, stdin (and
+/// resizes) to it, and its exit status when it ends.
+pub async fn attach(
+    containers: Arc<Containers>,
+    start: sp::StreamStart,
+    input: tonic::Streaming<sp::StreamInput>,
+    tx: Out,
+) {
+    let c = match containers.get(&start.container_id) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut rx = c.output.subscribe();
+    if c.status().state != sp::ContainerState::Running as i32 {
+        let _ = tx
+            .send(Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.id
+            ))))
+            .await;
+        return;
+    }
+    if start.stdin {
+        match &c.tty {
+            Some(master) => {
+                tokio::spawn(feed_terminal(master.clone(), input));
+            }
+            None => {
+                let fd = c
+                    .stdin
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .and_then(|f| f.try_clone().ok());
+                let ctr = c.clone();
+                tokio::spawn(async move {
+                    let mut input = input;
+                    let mut w = fd.and_then(|f| pipe::Sender::from_owned_fd(f).ok());
+                    while let Ok(Some(m)) = input.message().await {
+                        match m.kind {
+                            Some(sp::stream_input::Kind::Stdin(b)) => {
+                                if let Some(s) = w.as_mut() {
+                                    if s.write_all(&b).await.is_err() {
+                                        w = None;
+                                    }
+                                }
+                            }
+                            Some(sp::stream_input::Kind::StdinClose(_)) => {
+                                w = None;
+                                if ctr.stdin_once {
+                                    // The container sees EOF once no end is left open.
+                                    ctr.stdin.lock().unwrap_or_else(|p| p.into_inner()).take();
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        }
+    }
+    let exited = c.wait();
+    tokio::pin!(exited);
+    let wanted = |chunk: &crate::containers::OutChunk| {
+        if chunk.stderr {
+            start.stderr
+        } else {
+            start.stdout
+        }
+    };
+    let send = |chunk: crate::containers::OutChunk| {
+        let data = chunk.data.to_vec();
+        out(if chunk.stderr {
+            sp::stream_output::Kind::Stderr(data)
+        } else {
+            sp::stream_output::Kind::Stdout(data)
+        })
+    };
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(chunk) => {
+                    if wanted(&chunk) && tx.send(send(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    debug!(container = %c.id, missed = n, "attach fell behind the output");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            status = &mut exited => {
+                // The pumps finished before the exit was recorded: what is queued is all.
+                while let Ok(chunk) = rx.try_recv() {
+                    if wanted(&chunk) && tx.send(send(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(out(sp::stream_output::Kind::Exit(status))).await;
+                return;
+            }
+            _ = tx.closed() => return,
         }
     }
 }

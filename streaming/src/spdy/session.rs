@@ -48,6 +48,8 @@ struct Shared {
     replies: Mutex<HashMap<u32, oneshot::Sender<Headers>>>,
     queued: AtomicU32,
     next_id: AtomicU32,
+    // Turns true when the peer's side of the connection ended.
+    done: tokio::sync::watch::Sender<bool>,
 }
 
 /// A handle on a session (cheap to clone).
@@ -161,6 +163,7 @@ impl Session {
             replies: Mutex::new(HashMap::new()),
             queued: AtomicU32::new(0),
             next_id: AtomicU32::new(if server { 2 } else { 1 }),
+            done: tokio::sync::watch::channel(false).0,
         });
         let session = Session {
             out: out_tx,
@@ -210,6 +213,13 @@ impl Session {
                 status: 0,
             })
             .await;
+    }
+
+    /// Resolves once the peer's side of the connection has ended (EOF, GOAWAY or a
+    /// malformed frame).
+    pub async fn closed(&self) {
+        let mut rx = self.shared.done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
     }
 
     /// Whether the connection is gone.
@@ -288,6 +298,7 @@ async fn read_loop<R: AsyncRead>(
     }
     lock(&session.shared.streams).clear();
     lock(&session.shared.replies).clear();
+    session.shared.done.send_replace(true);
 }
 
 /// Routes one frame; false ends the session.
