@@ -25,6 +25,18 @@ pub async fn spdy_connect(
     url: &str,
     protocols: &[&str],
 ) -> anyhow::Result<Result<(Session, String), Refused>> {
+    Ok(match spdy_upgrade(url, protocols).await? {
+        Ok((tcp, chosen)) => Ok((Session::start(tcp, false).0, chosen)),
+        Err(r) => Err(r),
+    })
+}
+
+/// The HTTP upgrade alone: the connection, ready for SPDY frames, and the chosen
+/// protocol (or the refusal).
+pub async fn spdy_upgrade(
+    url: &str,
+    protocols: &[&str],
+) -> anyhow::Result<Result<(TcpStream, String), Refused>> {
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("not an http URL: {url}"))?;
@@ -73,8 +85,7 @@ pub async fn spdy_connect(
         }));
     }
     let chosen = header(channel::PROTOCOL_HEADER).unwrap_or_default();
-    let (session, _incoming) = Session::start(tcp, false);
-    Ok(Ok((session, chosen)))
+    Ok(Ok((tcp, chosen)))
 }
 
 /// What an exec or attach returned.

@@ -248,6 +248,27 @@ async fn an_expired_token_is_refused() {
         .expect("an expired token is refused");
     assert_eq!(refused.status, 404, "{}", refused.body);
     assert!(refused.body.contains("expired"), "{}", refused.body);
+    // Malformed SPDY after the upgrade ends that connection, not the agent.
+    for garbage in [
+        &[
+            0x80, 0x03, 0x00, 0x01, 0x00, 0x00, 0x00, 0x0c, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 9, 9,
+        ][..],
+        &[0x80, 0x07, 0x00, 0x01, 0xff, 0xff, 0xff, 0xff][..],
+        &[0xff; 64][..],
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let url = forward_url(&mut rt, &pod, &[80]).await;
+        let (mut tcp, _) = spdy_upgrade(&url, &[channel::PORT_FORWARD])
+            .await
+            .unwrap()
+            .unwrap();
+        tcp.write_all(garbage).await.unwrap();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "the server kept a broken session open");
+    }
+    assert!(rt.version(cri::VersionRequest::default()).await.is_ok());
     // A token never issued, the same.
     let bogus = format!("{}/portforward/nope", url.rsplitn(3, '/').nth(2).unwrap());
     let refused = spdy_connect(&bogus, &[channel::PORT_FORWARD])

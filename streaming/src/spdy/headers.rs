@@ -213,8 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn python_zlib_with_the_dictionary_decodes() {
-        // zlib.compressobj(zdict=DICTIONARY) of an empty block (0 pairs), sync-flushed.
+    fn the_dictionary_id_is_spdy3s() {
         let mut d = Deflater::new();
         let z = d.compress(&Headers::new().encode()).unwrap();
         // FDICT set, and the dictionary id is the Adler-32 of the SPDY/3 dictionary.
@@ -225,6 +224,28 @@ mod tests {
             Headers::decode(&i.decompress(&z).unwrap()).unwrap(),
             Headers::new()
         );
+    }
+
+    #[test]
+    fn blocks_from_another_zlib_decode() {
+        // Two blocks from C zlib (level 9, the SPDY dictionary, a sync flush after
+        // each), as Go's spdy framer writes them: the second refers back to the first.
+        let z1 = [
+            0x78, 0xf9, 0xe3, 0xc6, 0xa7, 0xc2, 0x02, 0x25, 0x3a, 0x70, 0x3a, 0x2b, 0x29, 0x4a,
+            0x4d, 0xcc, 0x85, 0x16, 0x25, 0xac, 0xa9, 0xa0, 0x80, 0x86, 0x14, 0xcb, 0x45, 0xe0,
+            0x1c, 0x60, 0x61, 0x60, 0x61, 0x00, 0xa4, 0x39, 0x8b, 0x20, 0xd1, 0x98, 0x09, 0x4a,
+            0xde, 0x8c, 0x06, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff,
+        ];
+        let z2 = [
+            0xc2, 0xaa, 0x19, 0x54, 0x0e, 0x25, 0x12, 0xd6, 0x0b, 0x00, 0x00, 0x00, 0xff, 0xff,
+        ];
+        let mut i = Inflater::new();
+        let h1 = Headers::decode(&i.decompress(&z1).unwrap()).unwrap();
+        let h2 = Headers::decode(&i.decompress(&z2).unwrap()).unwrap();
+        assert_eq!(h1.get("streamType"), Some("error"));
+        assert_eq!(h1.get("port"), Some("8080"));
+        assert_eq!(h2.get("streamtype"), Some("data"));
+        assert_eq!(h2.get("requestID"), Some("0"));
     }
 
     #[test]
