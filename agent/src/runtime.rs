@@ -194,9 +194,12 @@ impl Runtime {
         } else {
             now_ns()
         };
-        if c.started_at_ns == 0 && st.started_at_ns > 0 {
+        // StartContainer stamps the start when the shim's call returns, which can be
+        // after the shim saw a short-lived process exit: the shim's own times win then.
+        if st.started_at_ns > 0 && (c.started_at_ns == 0 || c.started_at_ns > c.finished_at_ns) {
             c.started_at_ns = st.started_at_ns;
         }
+        c.started_at_ns = c.started_at_ns.min(c.finished_at_ns);
         let cid = c.id.clone();
         if let Err(e) = self.records.put_container(c).await {
             warn!(container = %cid, error = %e, "recording a container's exit");

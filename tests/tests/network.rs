@@ -392,7 +392,18 @@ async fn broken_configs_and_plugin_errors() {
         .expect("fallback pod");
     eprintln!("RunPodSandbox without a network config: {:?}", t.elapsed());
     assert_eq!(pod_ips(&mut rt, &pod).await.0, "");
+    let c = run(&mut rt, &pod, &pc, w.sh("c", "exec sleep 600")).await;
+    let links = exec(&mut rt, &c, &["ip", "-o", "link"], 10)
+        .await
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout).into_owned();
+    assert_eq!(links.lines().count(), 1, "only loopback: {links}");
+    assert!(
+        links.contains("lo:") && links.contains(",UP"),
+        "lo is up: {links}"
+    );
     teardown(&mut rt, &pod).await;
+    assert_no_network_leaks(&w.agent);
 
     // Pod metadata cannot smuggle arguments into CNI_ARGS.
     let mut sneaky = w.pod("sneaky");

@@ -250,10 +250,10 @@ pub fn host_network(config: &cri::PodSandboxConfig) -> bool {
 
 impl Runtime {
     /// The pod's network: its own namespace attached by CNI (returns the namespace path
-    /// and the pod IPs), nothing for hostNetwork pods, and, while the conf dir holds no
-    /// network config at all, nothing either: the shim then gives the pod a namespace of
-    /// its own with only loopback (logged; the pod has no IP). A conf dir whose configs
-    /// are all invalid fails the pod instead, naming each file's problem.
+    /// and the pod IPs); nothing for hostNetwork pods; while the conf dir holds no
+    /// network config at all, a namespace of its own with only loopback (logged; the pod
+    /// has no IP). A conf dir whose configs are all invalid fails the pod instead, naming
+    /// each file's problem.
     async fn setup_network(
         self: &Arc<Self>,
         id: &str,
@@ -264,24 +264,26 @@ impl Runtime {
             return Ok((String::new(), vec![]));
         }
         let list = match self.network.current() {
-            Ok(l) => l,
+            Ok(l) => {
+                let pod_cidr = self
+                    .records
+                    .meta(super::status::META_POD_CIDR)
+                    .ok()
+                    .flatten();
+                Some(
+                    l.with_pod_cidr(pod_cidr.as_deref())
+                        .map_err(crate::network::NetworkError::from)?,
+                )
+            }
             Err(crate::network::conf::ConfError::NoConfig(dir)) => {
                 tracing::warn!(
                     conf_dir = %dir.display(),
-                    "no CNI network config: the pod gets an isolated network namespace with only loopback and no IP"
+                    "no CNI network config: the pod gets a network namespace with only loopback and no IP"
                 );
-                return Ok((String::new(), vec![]));
+                None
             }
             Err(e) => return Err(crate::network::NetworkError::from(e).into()),
         };
-        let pod_cidr = self
-            .records
-            .meta(super::status::META_POD_CIDR)
-            .ok()
-            .flatten();
-        let list = list
-            .with_pod_cidr(pod_cidr.as_deref())
-            .map_err(crate::network::NetworkError::from)?;
         let netns = self.network.create_netns(id).await?;
         {
             let rt = Arc::clone(self);
@@ -292,6 +294,9 @@ impl Runtime {
                 }
             });
         }
+        let Some(list) = list else {
+            return Ok((netns.display().to_string(), vec![]));
+        };
         {
             let rt = Arc::clone(self);
             let id = id.to_owned();

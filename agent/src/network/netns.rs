@@ -32,8 +32,9 @@ fn io(path: &Path, what: &'static str, source: impl Into<std::io::Error>) -> Net
     }
 }
 
-/// Creates a new network namespace pinned on `path` (a file created for it). Blocking:
-/// call it from `spawn_blocking`. On failure nothing is left at `path`.
+/// Creates a new network namespace pinned on `path` (a file created for it), with its
+/// loopback interface up (so `localhost` works even in a pod no CNI network attaches).
+/// Blocking: call it from `spawn_blocking`. On failure nothing is left at `path`.
 pub fn create(path: &Path) -> Result<(), NetnsError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| io(path, "creating its directory", e))?;
@@ -52,6 +53,7 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
         .spawn(move || -> Result<(), NetnsError> {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| io(&target, "unshare(CLONE_NEWNET)", e))?;
+            loopback_up().map_err(|e| io(&target, "bringing up lo", e))?;
             mount(
                 Some("/proc/thread-self/ns/net"),
                 &target,
@@ -68,6 +70,35 @@ pub fn create(path: &Path) -> Result<(), NetnsError> {
         let _ = std::fs::remove_file(path);
     }
     made
+}
+
+/// Sets IFF_UP on `lo` of the calling thread's network namespace.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the flags of the named interface into `ifr`, a valid
+    // ifreq that outlives the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    unsafe { ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `ifr`, valid for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether `path` is a mount point (the namespace is still pinned there).
