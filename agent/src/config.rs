@@ -299,6 +299,14 @@ impl Config {
         self.root.join("isola.redb")
     }
 
+    /// The shim socket of one pod: `<state>/s/<first 16 hex of the id>.sock`, short
+    /// because a unix socket path may not exceed 107 bytes (containerd keeps its shim
+    /// sockets in `/run/containerd/s/` for the same reason).
+    pub fn shim_socket(&self, sandbox_id: &str) -> PathBuf {
+        let short = &sandbox_id[..sandbox_id.len().min(16)];
+        self.state.join("s").join(format!("{short}.sock"))
+    }
+
     /// The runtime directory of one pod (shim socket, shim log, shim identity).
     pub fn pod_state_dir(&self, sandbox_id: &str) -> PathBuf {
         self.state.join("pods").join(sandbox_id)

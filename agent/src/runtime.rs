@@ -240,6 +240,12 @@ impl Runtime {
         sb: &mut SandboxRecord,
     ) -> Result<(), crate::records::RecordError> {
         let pid = sb.shim.as_ref().map(|s| s.pid).unwrap_or(0);
+        if let Some(rec) = &sb.shim {
+            // A killed shim leaves its socket behind.
+            if !shim::record_alive(rec) {
+                let _ = std::fs::remove_file(&rec.socket);
+            }
+        }
         let now = now_ns();
         let was_ready = sb.state == SandboxState::Ready;
         sb.state = SandboxState::NotReady;
@@ -334,6 +340,7 @@ fn cleanup_orphan(dir: &Path) {
     if let Ok(text) = std::fs::read_to_string(dir.join("shim.json")) {
         if let Ok(rec) = serde_json::from_str::<ShimRecord>(&text) {
             shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
+            let _ = std::fs::remove_file(&rec.socket);
         }
     }
     if let Err(e) = std::fs::remove_dir_all(dir) {

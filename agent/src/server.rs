@@ -31,6 +31,10 @@ fn prepare_dirs(config: &Config) -> anyhow::Result<()> {
     }
     let pods = config.state.join("pods");
     std::fs::create_dir_all(&pods).with_context(|| format!("creating {}", pods.display()))?;
+    let sockets = config.state.join("s");
+    std::fs::create_dir_all(&sockets).with_context(|| format!("creating {}", sockets.display()))?;
+    std::fs::set_permissions(&sockets, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", sockets.display()))?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ for p in containerd runc docker-registry busybox-static; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
 done
-(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native -p isola-tests --bin isola-bench)
+(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native --bins && cargo build --release --quiet -p isola-tests --bin isola-bench)
 bin="${CARGO_TARGET_DIR:-$repo/target}/release"
 tmp="$(mktemp -d /tmp/isola-cmp.XXXXXX)"
 pids=()

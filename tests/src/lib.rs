@@ -279,6 +279,10 @@ impl Agent {
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "leaked pod state: {left:?}");
+        let sockets: Vec<_> = std::fs::read_dir(self.state().join("s"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(sockets.is_empty(), "leaked shim sockets: {sockets:?}");
     }
 }
 

@@ -79,6 +79,7 @@ impl Runtime {
         }
         let sb = self.find_sandbox(&c.sandbox_id)?;
         let mut client = self.shim_of(&sb)?;
+        let started = now_ns();
         call(
             "StartContainer",
             SHIM_CALL_TIMEOUT,
@@ -88,7 +89,7 @@ impl Runtime {
         )
         .await?;
         c.state = ContainerState::Running;
-        c.started_at_ns = now_ns();
+        c.started_at_ns = started;
         self.records.put_container(c.clone()).await?;
         self.emit_container_event(&c.id, cri::ContainerEventType::ContainerStartedEvent);
         Ok(cri::StartContainerResponse {})

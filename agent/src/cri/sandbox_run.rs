@@ -163,7 +163,18 @@ impl Runtime {
             });
         }
         let (netns_path, ips) = self.setup_network(id, config, undo).await?;
-        let mut started = self.shims.spawn(class.shim, id, &state_dir).await?;
+        let socket = self.config.shim_socket(id);
+        if socket.exists() {
+            // 64 random bits collided with a live pod's socket name: refuse, do not steal.
+            return Err(CriError::Internal(format!(
+                "shim socket {} is in use; retry",
+                socket.display()
+            )));
+        }
+        let mut started = self
+            .shims
+            .spawn(class.shim, id, &state_dir, &socket)
+            .await?;
         // Written before anything else depends on the shim, so that an agent crash before
         // the record is committed leaves enough to find and kill this shim.
         let ident = serde_json::to_vec(&started.record)
@@ -186,6 +197,7 @@ impl Runtime {
                     shim::kill(&rec, nix::sys::signal::Signal::SIGKILL);
                     shim::wait_exit(&rec).await;
                 }
+                let _ = std::fs::remove_file(&rec.socket);
             });
         }
         let cgroup_parent = config

@@ -125,6 +125,10 @@ impl Runtime {
                 _ => shim::kill(&rec, nix::sys::signal::Signal::SIGKILL),
             }
             self.release_shim(&sb.id);
+            // The shim removes its socket when it exits cleanly; not when it was killed.
+            if !shim::record_alive(&rec) {
+                let _ = std::fs::remove_file(&rec.socket);
+            }
         }
         if !shim_was_alive {
             self.clean_after_dead_shim(sb).await;

@@ -171,9 +171,10 @@ impl ShimManager {
         kind: ShimKind,
         sandbox_id: &str,
         state_dir: &Path,
+        socket: &Path,
     ) -> Result<Shim, ShimError> {
         let binary = self.find_binary(kind)?;
-        let socket = state_dir.join("shim.sock");
+        let socket = socket.to_owned();
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(ShimError::SocketPathTooLong(socket));
         }

@@ -573,6 +573,9 @@ impl Containers {
                 "container {id} is not in the created state"
             )));
         }
+        // Taken before the process is released, so that a container that exits at once
+        // never shows a finish before its start.
+        let started = now_ns();
         self.runner
             .start(id)
             .map_err(|e| CtrError::Failed(e.to_string()))?;
@@ -580,7 +583,7 @@ impl Containers {
             if s.state == sp::ContainerState::Created as i32 {
                 s.state = sp::ContainerState::Running as i32;
             }
-            s.started_at_ns = now_ns();
+            s.started_at_ns = started;
         });
         self.emit(sp::EventType::ContainerStarted, &c);
         Ok(c.status().pid)

@@ -55,6 +55,8 @@ struct Cli {
 struct Step {
     ok_ms: Vec<f64>,
     errors: BTreeMap<String, usize>,
+    /// The first error's message, to tell why a step failed.
+    first_error: Option<String>,
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -97,6 +99,10 @@ impl Bench {
             }
             Err(s) => {
                 *step.errors.entry(format!("{:?}", s.code())).or_default() += 1;
+                if step.first_error.is_none() {
+                    eprintln!("{name}: {:?}: {}", s.code(), s.message());
+                    step.first_error = Some(s.message().to_string());
+                }
                 None
             }
         }
@@ -190,7 +196,12 @@ async fn main() -> anyhow::Result<()> {
                 uid: format!("bench-{tag}-{i}"),
                 attempt: 0,
             }),
-            hostname: format!("bench-{i}"),
+            // kubelet leaves the hostname empty for host-network pods.
+            hostname: if cli.host_network {
+                String::new()
+            } else {
+                format!("bench-{i}")
+            },
             log_directory: format!("/tmp/isola-bench-{tag}/{i}"),
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
