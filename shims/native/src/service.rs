@@ -513,8 +513,14 @@ impl Shim for NativeShim {
         _r: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
         let rx = self.inner.events.subscribe();
+        // The stream ends when the shim is told to shut down: an open stream would hold
+        // the graceful shutdown (and StopPodSandbox) until its grace period ran out.
+        let mut stop = self.inner.shutdown.subscribe();
         let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(|e| async move { e.ok().map(Ok) });
+            .filter_map(|e| async move { e.ok().map(Ok) })
+            .take_until(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 
