@@ -367,6 +367,16 @@ async fn exec_sync_stop_timeout_and_shared_namespaces() {
         "1",
         "b's sleep is visible from a"
     );
+    // Nothing of the runtime leaks into the container: an exec'd process has only its
+    // stdio (and ls's own directory handle) open.
+    let r = exec(&mut rt, &b, &["sh", "-c", "ls /proc/self/fd | wc -l"], 10)
+        .await
+        .expect("fds");
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout).trim(),
+        "4",
+        "fds leaked into an exec"
+    );
     let r = exec(&mut rt, &a, &["hostname"], 10)
         .await
         .expect("hostname");

@@ -157,6 +157,7 @@ pub struct ExecPipes {
 /// The table of a pod's containers.
 pub struct Containers {
     runner: Runner,
+    forker: crate::forker::Forker,
     map: Mutex<HashMap<String, Arc<Ctr>>>,
     events: broadcast::Sender<sp::Event>,
     opts: SpecOptions,
@@ -314,6 +315,11 @@ impl Containers {
     ) -> Containers {
         Containers {
             runner: Runner::new(state_root, opts.systemd_cgroup),
+            forker: crate::forker::Forker::new(
+                state_root,
+                opts.systemd_cgroup,
+                &state_root.parent().unwrap_or(state_root).join("shim.log"),
+            ),
             map: Mutex::new(HashMap::new()),
             events,
             opts,
@@ -449,7 +455,7 @@ impl Containers {
                 .map_err(|e| CtrError::Failed(format!("console socket: {e}")))?;
             let pid = {
                 let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.runner.create_with_console(id, bundle, console.path())
+                self.forker.create_with_console(id, bundle, console.path())
             }
             .map_err(|e| CtrError::Failed(e.to_string()))?;
             let master = console
@@ -485,7 +491,7 @@ impl Containers {
                 Stream::Stderr,
             ));
             let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.runner
+            self.forker
                 .create(
                     id,
                     bundle,
@@ -529,7 +535,7 @@ impl Containers {
         std::thread::Builder::new()
             .name(format!("wait-{}", &id[..12.min(id.len())]))
             .spawn(move || {
-                let exit = runner::wait(pid);
+                let exit = crate::forker::wait(pid);
                 for p in pumps {
                     let _ = p.join();
                 }
@@ -691,7 +697,7 @@ impl Containers {
         let err_t = collect(err_r);
         let pid = {
             let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.runner.exec(
+            self.forker.exec(
                 id,
                 cmd,
                 HashMap::new(),
@@ -706,7 +712,7 @@ impl Containers {
         .map_err(|e| CtrError::Failed(e.to_string()))?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(runner::wait(pid));
+            let _ = tx.send(crate::forker::wait(pid));
         });
         let (exit, timed_out) = if timeout > 0 {
             match rx.recv_timeout(std::time::Duration::from_secs(timeout as u64)) {
@@ -776,7 +782,7 @@ impl Containers {
         };
         let pid = {
             let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.runner.exec(
+            self.forker.exec(
                 id,
                 cmd,
                 HashMap::new(),
@@ -826,7 +832,7 @@ impl Containers {
             .map_err(|e| CtrError::Failed(format!("writing the exec process: {e}")))?;
         let pid = {
             let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.runner
+            self.forker
                 .exec_with_console(id, &process_path, console.path())
         };
         let _ = std::fs::remove_file(&process_path);

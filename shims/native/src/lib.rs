@@ -5,6 +5,7 @@
 pub mod console;
 pub mod containers;
 pub mod daemon;
+pub mod forker;
 pub mod pause;
 pub mod sandbox;
 pub mod service;

@@ -36,8 +36,14 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).map(String::as_str) == Some("pause") {
         isola_shim_native::pause::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some("libct") {
+        isola_shim_native::forker::helper_main(&args[2..]);
+    }
     let cli = Cli::parse();
     let mut d = daemon::daemonize(&cli.socket)?;
+    // Container processes are re-parented to the shim when the libcontainer helper that
+    // started them exits (see forker).
+    isola_shim_native::forker::become_subreaper();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -98,7 +98,7 @@ pub async fn exec(
     });
     let o = tokio::spawn(pump(p.stdout, tx.clone(), false));
     let e = tokio::spawn(pump(p.stderr, tx.clone(), true));
-    let exit = tokio::task::spawn_blocking(move || isola_container::runner::wait(pid))
+    let exit = tokio::task::spawn_blocking(move || crate::forker::wait(pid))
         .await
         .unwrap_or(isola_container::runner::Exit {
             code: 255,
@@ -242,7 +242,7 @@ async fn exec_tty(
     let master = Arc::new(std::fs::File::from(master));
     let reader = read_terminal(master.clone(), tx.clone());
     tokio::spawn(feed_terminal(master, input));
-    let exit = tokio::task::spawn_blocking(move || isola_container::runner::wait(pid))
+    let exit = tokio::task::spawn_blocking(move || crate::forker::wait(pid))
         .await
         .unwrap_or(isola_container::runner::Exit {
             code: 255,
