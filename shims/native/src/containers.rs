@@ -161,8 +161,6 @@ pub struct Containers {
     map: Mutex<HashMap<String, Arc<Ctr>>>,
     events: broadcast::Sender<sp::Event>,
     opts: SpecOptions,
-    // libcontainer forks; serialising its create/exec keeps two forks from interleaving.
-    fork_lock: Mutex<()>,
 }
 
 fn mount_rootfs(mounts: &[sp::Mount], rootfs: &Path) -> Result<(), CtrError> {
@@ -323,7 +321,6 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             events,
             opts,
-            fork_lock: Mutex::new(()),
         }
     }
 
@@ -453,11 +450,8 @@ impl Containers {
             // The terminal carries stdin, stdout and stderr; its output is logged as stdout.
             let console = crate::console::ConsoleSocket::bind(&console_path())
                 .map_err(|e| CtrError::Failed(format!("console socket: {e}")))?;
-            let pid = {
-                let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.forker.create_with_console(id, bundle, console.path())
-            }
-            .map_err(|e| CtrError::Failed(e.to_string()))?;
+            let pid = { self.forker.create_with_console(id, bundle, console.path()) }
+                .map_err(|e| CtrError::Failed(e.to_string()))?;
             let master = console
                 .receive()
                 .map_err(|e| CtrError::Failed(format!("receiving the terminal: {e}")))?;
@@ -490,7 +484,6 @@ impl Containers {
                 Box::new(std::fs::File::from(err_r)),
                 Stream::Stderr,
             ));
-            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.forker
                 .create(
                     id,
@@ -684,32 +677,14 @@ impl Containers {
         cmd: Vec<String>,
         timeout: i64,
     ) -> Result<sp::ExecSyncResponse, CtrError> {
-        let c = self.get(id)?;
-        if c.state() != sp::ContainerState::Running {
-            return Err(CtrError::State(format!("container {id} is not running")));
-        }
-        if cmd.is_empty() {
-            return Err(CtrError::Invalid("cmd must not be empty".into()));
-        }
-        let (out_r, out_w) = pipe()?;
-        let (err_r, err_w) = pipe()?;
-        let out_t = collect(out_r);
-        let err_t = collect(err_r);
-        let pid = {
-            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.forker.exec(
-                id,
-                cmd,
-                HashMap::new(),
-                Stdio {
-                    stdin: None,
-                    stdout: out_w,
-                    stderr: err_w,
-                },
-                &c.bundle,
-            )
-        }
-        .map_err(|e| CtrError::Failed(e.to_string()))?;
+        let ExecPipes {
+            pid,
+            stdout,
+            stderr,
+            ..
+        } = self.spawn_exec(id, cmd, false)?;
+        let out_t = collect(stdout);
+        let err_t = collect(stderr);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = tx.send(crate::forker::wait(pid));
@@ -757,6 +732,18 @@ impl Containers {
         })
     }
 
+    /// The running container a command is to run in.
+    fn exec_target(&self, id: &str, cmd: &[String]) -> Result<Arc<Ctr>, CtrError> {
+        let c = self.get(id)?;
+        if c.state() != sp::ContainerState::Running {
+            return Err(CtrError::State(format!("container {id} is not running")));
+        }
+        if cmd.is_empty() {
+            return Err(CtrError::Invalid("cmd must not be empty".into()));
+        }
+        Ok(c)
+    }
+
     /// Starts a command in a running container with pipes for its stdio (blocking); the
     /// caller waits for the returned pid.
     pub fn spawn_exec(
@@ -765,13 +752,7 @@ impl Containers {
         cmd: Vec<String>,
         stdin: bool,
     ) -> Result<ExecPipes, CtrError> {
-        let c = self.get(id)?;
-        if c.state() != sp::ContainerState::Running {
-            return Err(CtrError::State(format!("container {id} is not running")));
-        }
-        if cmd.is_empty() {
-            return Err(CtrError::Invalid("cmd must not be empty".into()));
-        }
+        let c = self.exec_target(id, &cmd)?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let (in_keep, in_give) = if stdin {
@@ -781,7 +762,6 @@ impl Containers {
             (None, None)
         };
         let pid = {
-            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.forker.exec(
                 id,
                 cmd,
@@ -806,13 +786,7 @@ impl Containers {
     /// Starts a command with a terminal in a running container (blocking); returns its
     /// pid and the terminal's master.
     pub fn spawn_exec_tty(&self, id: &str, cmd: Vec<String>) -> Result<(i32, OwnedFd), CtrError> {
-        let c = self.get(id)?;
-        if c.state() != sp::ContainerState::Running {
-            return Err(CtrError::State(format!("container {id} is not running")));
-        }
-        if cmd.is_empty() {
-            return Err(CtrError::Invalid("cmd must not be empty".into()));
-        }
+        let c = self.exec_target(id, &cmd)?;
         // The container's own process (user, env, cwd, capabilities) with this command
         // and a terminal.
         let spec: serde_json::Value = std::fs::read(c.bundle.join("config.json"))
@@ -831,7 +805,6 @@ impl Containers {
         std::fs::write(&process_path, process.to_string())
             .map_err(|e| CtrError::Failed(format!("writing the exec process: {e}")))?;
         let pid = {
-            let _g = self.fork_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.forker
                 .exec_with_console(id, &process_path, console.path())
         };

@@ -139,6 +139,21 @@ impl NativeShim {
     }
 }
 
+/// The `start` message that must open an Exec or Attach stream.
+async fn first_start(
+    input: &mut tonic::Streaming<StreamInput>,
+    call: &str,
+) -> Result<StreamStart, Status> {
+    match input.message().await? {
+        Some(StreamInput {
+            kind: Some(stream_input::Kind::Start(s)),
+        }) => Ok(s),
+        _ => Err(Status::invalid_argument(format!(
+            "the first message of {call} must be start"
+        ))),
+    }
+}
+
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -372,16 +387,7 @@ impl Shim for NativeShim {
         r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         let mut input = r.into_inner();
-        let start = match input.message().await? {
-            Some(StreamInput {
-                kind: Some(stream_input::Kind::Start(s)),
-            }) => s,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of Exec must be start",
-                ))
-            }
-        };
+        let start = first_start(&mut input, "Exec").await?;
         let containers = self.containers()?;
         containers.get(&start.container_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -398,16 +404,7 @@ impl Shim for NativeShim {
         r: Request<tonic::Streaming<StreamInput>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let mut input = r.into_inner();
-        let start = match input.message().await? {
-            Some(StreamInput {
-                kind: Some(stream_input::Kind::Start(s)),
-            }) => s,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of Attach must be start",
-                ))
-            }
-        };
+        let start = first_start(&mut input, "Attach").await?;
         let containers = self.containers()?;
         containers.get(&start.container_id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);

@@ -61,22 +61,12 @@ pub async fn exec(
     }
     let id = start.container_id.clone();
     let c2 = containers.clone();
-    let spawned = tokio::task::spawn_blocking(move || {
+    let Some(p) = spawn_reporting(&tx, move || {
         c2.spawn_exec(&start.container_id, start.cmd, start.stdin)
     })
-    .await;
-    let p = match spawned {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-        Err(e) => {
-            let _ = tx
-                .send(Err(Status::internal(format!("worker thread: {e}"))))
-                .await;
-            return;
-        }
+    .await
+    else {
+        return;
     };
     let pid = p.pid;
     let stdin = p.stdin.and_then(|fd| pipe::Sender::from_owned_fd(fd).ok());
@@ -98,12 +88,7 @@ pub async fn exec(
     });
     let o = tokio::spawn(pump(p.stdout, tx.clone(), false));
     let e = tokio::spawn(pump(p.stderr, tx.clone(), true));
-    let exit = tokio::task::spawn_blocking(move || crate::forker::wait(pid))
-        .await
-        .unwrap_or(isola_container::runner::Exit {
-            code: 255,
-            signal: None,
-        });
+    let exit = wait_exit(pid).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, async {
         let _ = o.await;
         let _ = e.await;
@@ -222,32 +207,17 @@ async fn exec_tty(
     tx: Out,
 ) {
     let id = start.container_id.clone();
-    let spawned = tokio::task::spawn_blocking(move || {
+    let Some((pid, master)) = spawn_reporting(&tx, move || {
         containers.spawn_exec_tty(&start.container_id, start.cmd)
     })
-    .await;
-    let (pid, master) = match spawned {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            let _ = tx.send(Err(e.into())).await;
-            return;
-        }
-        Err(e) => {
-            let _ = tx
-                .send(Err(Status::internal(format!("worker thread: {e}"))))
-                .await;
-            return;
-        }
+    .await
+    else {
+        return;
     };
     let master = Arc::new(std::fs::File::from(master));
     let reader = read_terminal(master.clone(), tx.clone());
     tokio::spawn(feed_terminal(master, input));
-    let exit = tokio::task::spawn_blocking(move || crate::forker::wait(pid))
-        .await
-        .unwrap_or(isola_container::runner::Exit {
-            code: 255,
-            signal: None,
-        });
+    let exit = wait_exit(pid).await;
     let _ = tokio::time::timeout(DRAIN_GRACE, reader).await;
     debug!(container = %id, pid, code = exit.code, "tty exec ended");
     let status = sp::ContainerStatus {
@@ -415,4 +385,34 @@ pub async fn attach(
             _ = tx.closed() => return,
         }
     }
+}
+
+/// Starts a process on a blocking thread; a failure goes to the client's stream.
+async fn spawn_reporting<T: Send + 'static>(
+    tx: &Out,
+    f: impl FnOnce() -> Result<T, crate::containers::CtrError> + Send + 'static,
+) -> Option<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            let _ = tx.send(Err(e.into())).await;
+            None
+        }
+        Err(e) => {
+            let _ = tx
+                .send(Err(Status::internal(format!("worker thread: {e}"))))
+                .await;
+            None
+        }
+    }
+}
+
+/// Waits for an exec'd process on a blocking thread.
+async fn wait_exit(pid: i32) -> isola_container::runner::Exit {
+    tokio::task::spawn_blocking(move || crate::forker::wait(pid))
+        .await
+        .unwrap_or(isola_container::runner::Exit {
+            code: 255,
+            signal: None,
+        })
 }
