@@ -10,16 +10,7 @@ use crate::records::{ContainerRecord, SandboxRecord};
 
 /// Every mount point at or below `dir`, deepest first.
 pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().trim_end_matches('/').to_owned();
-    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    points.dedup();
-    points
+    isola_container::mounts::under(dir)
 }
 
 /// Unmounts everything at or below `dir` (lazily: a busy mount is detached). Must run

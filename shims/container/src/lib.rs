@@ -5,6 +5,7 @@
 
 pub mod cgroups;
 pub mod logs;
+pub mod mounts;
 pub mod runner;
 pub mod seccomp;
 pub mod spec;

@@ -388,7 +388,7 @@ impl Containers {
             let _ = std::fs::remove_dir_all(&bundle);
         };
         if let Err(e) = mount_rootfs(&req.rootfs, &rootfs) {
-            cleanup(rootfs_is_mounted(&rootfs));
+            cleanup(isola_container::mounts::is_mount_point(&rootfs));
             return Err(e);
         }
         let result = self.create_mounted(&id, &config, &image, &bundle, pod, &req.log_path);
@@ -635,7 +635,7 @@ impl Containers {
         if *mounted {
             let rootfs = c.bundle.join("rootfs");
             if let Err(e) = umount2(&rootfs, MntFlags::MNT_DETACH) {
-                if rootfs_is_mounted(&rootfs) {
+                if isola_container::mounts::is_mount_point(&rootfs) {
                     return Err(CtrError::Failed(format!(
                         "unmounting {}: {e}",
                         rootfs.display()
@@ -870,16 +870,6 @@ fn kill_tree(root: i32) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-}
-
-fn rootfs_is_mounted(p: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_ref()))
 }
 
 /// Converts cgroup usage to the shim API's stats.
