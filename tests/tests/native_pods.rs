@@ -749,3 +749,55 @@ async fn host_namespaces_mounts_sysctls_and_cgroup_parent() {
         );
     }
 }
+
+/// RemoveImage while a container uses the image: the image goes from the lists, the
+/// container keeps running on its layers, and the layers go once the container is
+/// removed.
+#[tokio::test]
+async fn an_image_in_use_keeps_its_layers_until_the_container_goes() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let mut images = w.images().await;
+    let layers = w.agent.root().join("images").join("layers");
+    let count = |d: &std::path::Path| std::fs::read_dir(d).map(|e| e.count()).unwrap_or(0);
+    let pc = w.pod("inuse");
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 1000")).await;
+    let before = count(&layers);
+    assert!(before >= 1, "no unpacked layers in {}", layers.display());
+    for image in [&w.image, &w.entry_image] {
+        images
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("remove image");
+    }
+    let listed = images
+        .list_images(cri::ListImagesRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner()
+        .images;
+    assert!(listed.is_empty(), "{listed:?}");
+    // The container still runs on its layers.
+    let r = exec(&mut rt, &id, &["cat", "/etc/passwd"], 10)
+        .await
+        .expect("exec");
+    assert!(String::from_utf8_lossy(&r.stdout).contains("web:x:1000"));
+    assert_eq!(
+        count(&layers),
+        before,
+        "layers removed under a running container"
+    );
+    teardown(&mut rt, &pod).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async { count(&layers) == 0 }).await,
+        "layers left after the last user went: {}",
+        count(&layers)
+    );
+    w.agent.assert_no_leaks();
+}
