@@ -2,7 +2,7 @@
 # Builds, installs and starts isolad with the native and vm runtime classes, on a fresh
 # Debian 12 machine, as root. Idempotent: run it again to upgrade.
 #
-#   binaries        /usr/local/bin/{isolad,isola-shim-native}
+#   binaries        /usr/local/bin/{isolad,isola-shim-native,isola-shim-vm}
 #   config          /etc/isola/config.toml (written once from `isolad config default`)
 #   runtime classes embedded; overrides in /etc/isola/runtime-classes/*.toml
 #   RuntimeClass manifests  /usr/share/isola/runtime-classes/*.yaml (kubectl apply -f)
@@ -19,7 +19,7 @@ log() { echo "install: $*" >&2; }
 "$repo/deploy/deps.sh" build
 
 log "building (release)"
-(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native)
+(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native -p isola-vm)
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 if [[ -x "$repo/deploy/guest/build-assets.sh" && "${ISOLA_SKIP_GUEST:-0}" != 1 ]]; then

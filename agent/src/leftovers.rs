@@ -84,3 +84,28 @@ pub fn clean_native_pod(sb: &SandboxRecord, containers: &[ContainerRecord], stat
         }
     }
 }
+
+/// Kills and unmounts what a VM pod left behind when its shim died: the VMM and its
+/// helpers (recorded by the shim as `hostPids`; killed only if their command line still
+/// names the pod's state directory, so a reused pid is never hit) and the virtio-fs
+/// share's mounts. The TAP goes with the VMM, and the netns is the agent's.
+pub fn clean_vm_pod(sb: &SandboxRecord, state_dir: &Path) {
+    let marker = state_dir.display().to_string();
+    let pids = sb
+        .info
+        .get("hostPids")
+        .map(|s| {
+            s.split(',')
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    for pid in pids {
+        if pid > 0 && cmdline(pid).contains(&marker) {
+            kill(pid);
+        }
+    }
+    if let Err(e) = unmount_under(state_dir) {
+        warn!(pod = %sb.id, error = %e, "unmounting the leftovers of a dead vm shim");
+    }
+}

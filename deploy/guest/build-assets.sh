@@ -48,7 +48,9 @@ fi
 # A static glibc binary: with --target, RUSTFLAGS reach only the target's crates, not
 # build scripts or proc-macros (which must stay dynamic host binaries).
 log "building static isola-guest"
-(cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+# libcontainer links libseccomp: statically too (libseccomp-dev ships libseccomp.a).
+(cd "$repo" && LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+    RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --release -p isola-guest --target "$triple")
 guest="$target_dir/$triple/release/isola-guest"
 if readelf -d "$guest" | grep -q NEEDED; then

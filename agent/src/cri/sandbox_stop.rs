@@ -18,7 +18,11 @@ impl Runtime {
     /// The shim is gone: kill and unmount what it left (its pod's processes, mounts and
     /// cgroups), so that Stop and Remove still clean up.
     pub(crate) async fn clean_after_dead_shim(&self, sb: &SandboxRecord) {
-        if sb.shim_kind != crate::classes::ShimKind::Native {
+        if sb.shim_kind == crate::classes::ShimKind::Vm {
+            let sb2 = sb.clone();
+            let dir = self.config.pod_state_dir(&sb.id);
+            let _ = tokio::task::spawn_blocking(move || crate::leftovers::clean_vm_pod(&sb2, &dir))
+                .await;
             return;
         }
         let sb2 = sb.clone();

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::clock::{self, Stamp};
-use crate::server::{BootInfo, Server};
+use crate::server::{BootInfo, Ended, Server};
 
 /// Errors of the start-up steps.
 #[derive(Debug, thiserror::Error)]
@@ -160,10 +160,83 @@ pub fn power_off() -> ! {
     std::process::exit(1)
 }
 
+/// Set in the environment of the re-executed /init once the root is a tmpfs.
+const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
+
+/// Moves the guest's root from the initramfs to a tmpfs and re-executes /init there.
+///
+/// The initramfs is the kernel's `rootfs`, a mount without a parent, on which
+/// pivot_root(2) fails (EINVAL): containers could then only be chroot-ed (runc's
+/// `--no-pivot`), which a process with CAP_SYS_CHROOT can escape. A tmpfs moved over
+/// `/` has a parent, so the container runtime pivots as on the host. The initramfs files
+/// are copied and unlinked (switch_root's way), so the memory they held is freed.
+fn leave_initramfs() -> Result<(), String> {
+    let new = "/.root";
+    mount("tmpfs", new, "tmpfs", 0, "mode=0755").map_err(|e| e.to_string())?;
+    let entries = std::fs::read_dir("/").map_err(|e| format!("reading /: {e}"))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name == ".root" {
+            continue;
+        }
+        let from = e.path();
+        let to = Path::new(new).join(&name);
+        let meta =
+            std::fs::symlink_metadata(&from).map_err(|e| format!("{}: {e}", from.display()))?;
+        if meta.is_file() {
+            std::fs::copy(&from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
+            let _ = std::fs::remove_file(&from);
+        } else if meta.is_dir() {
+            // Mount points (the kernel's /dev) are recreated by init; empty dirs too.
+            let _ = std::fs::create_dir_all(&to);
+        }
+    }
+    let c_new = CString::new(new).map_err(|e| e.to_string())?;
+    let c_root = CString::new("/").map_err(|e| e.to_string())?;
+    let c_dot = CString::new(".").map_err(|e| e.to_string())?;
+    // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
+    unsafe {
+        if libc::chdir(c_new.as_ptr()) != 0 {
+            return Err(format!("chdir {new}: {}", std::io::Error::last_os_error()));
+        }
+        if libc::mount(
+            c_dot.as_ptr(),
+            c_root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!(
+                "moving {new} to /: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if libc::chroot(c_dot.as_ptr()) != 0 {
+            return Err(format!("chroot: {}", std::io::Error::last_os_error()));
+        }
+        if libc::chdir(c_root.as_ptr()) != 0 {
+            return Err(format!("chdir /: {}", std::io::Error::last_os_error()));
+        }
+    }
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("/init")
+        .args(std::env::args_os().skip(1))
+        .env(SWITCHED_ENV, "1")
+        .exec();
+    Err(format!("re-executing /init: {err}"))
+}
+
 /// The entry point of /init: never returns.
 pub fn run() -> ! {
     let start = Stamp::now();
     let pid1 = std::process::id() == 1;
+    if pid1 && std::env::var_os(SWITCHED_ENV).is_none() {
+        if let Err(e) = leave_initramfs() {
+            // Still usable for everything but pivot_root-ing containers.
+            console(&format!("staying on the initramfs: {e}"));
+        }
+    }
     if pid1 {
         console(concat!("start ", env!("CARGO_PKG_VERSION")));
         if let Err(e) = mount_basics() {
@@ -193,9 +266,14 @@ pub fn run() -> ! {
         ready,
         uptime_ms,
     };
-    let shutdown = Server::new(boot).serve(port);
-    if let Err(e) = shutdown {
-        console(&format!("agent: {e}"));
+    match Server::new(boot).serve(port) {
+        Ok(Ended::PowerOff) => {}
+        Ok(Ended::ServeShim(port, req)) => {
+            if let Err(e) = crate::shim::serve(port, &req) {
+                console(&format!("shim: {e:#}"));
+            }
+        }
+        Err(e) => console(&format!("agent: {e}")),
     }
     if pid1 {
         power_off();

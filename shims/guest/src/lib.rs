@@ -3,7 +3,8 @@
 //! It mounts the kernel filesystems ([`init`]), finds the virtio-console port named
 //! [`AGENT_PORT_NAME`] ([`port`]), and serves `proto/guest.proto` over it ([`server`]):
 //! length-prefixed prost messages ([`frame`]). The host side of the channel lives in the
-//! `isola-vm` crate and reuses [`frame`].
+//! `isola-vm` crate and reuses [`frame`]. For a pod, the host then switches the port to
+//! the shim API ([`shim`]): the native shim's service runs the containers in the guest.
 
 pub mod clock;
 pub mod frame;
@@ -12,6 +13,7 @@ pub mod modules;
 pub mod net;
 pub mod port;
 pub mod server;
+pub mod shim;
 
 /// Name of the virtio-console port that carries the guest API (QEMU's
 /// `virtserialport,name=...`; the guest reads it from `/sys/class/virtio-ports/*/name`).

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use isola_proto::guest::{
     request, response, BootTimes, ConfigureInterfaceRequest, ConfigureInterfaceResponse, Error,
     ExecRequest, ExecResponse, HelloResponse, MountRequest, MountResponse, ReadFileRequest,
-    ReadFileResponse, Request, Response, ShutdownResponse, WriteFileRequest, WriteFileResponse,
+    ReadFileResponse, Request, Response, ServeShimRequest, ServeShimResponse, ShutdownResponse,
+    WriteFileRequest, WriteFileResponse,
 };
 
 use crate::clock::{self, Stamp};
@@ -39,6 +40,16 @@ pub enum ServeError {
 enum Next {
     Continue,
     PowerOff,
+    ServeShim(ServeShimRequest),
+}
+
+/// How the framed conversation ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The host asked for a power-off.
+    PowerOff,
+    /// The host asked for the shim API on the same port (see `ServeShimRequest`).
+    ServeShim(File, ServeShimRequest),
 }
 
 /// The guest API server.
@@ -57,8 +68,8 @@ impl Server {
         Self { boot }
     }
 
-    /// Serves requests on `port` until a shutdown request; returns `Ok(())` then.
-    pub fn serve(&self, mut port: File) -> Result<(), ServeError> {
+    /// Serves requests on `port` until a shutdown or serve-shim request.
+    pub fn serve(&self, mut port: File) -> Result<Ended, ServeError> {
         loop {
             reap_orphans();
             let req: Request = match read_frame(&mut port) {
@@ -83,8 +94,10 @@ impl Server {
                 ),
             };
             write_frame(&mut port, &resp).map_err(ServeError::Write)?;
-            if let Next::PowerOff = next {
-                return Ok(());
+            match next {
+                Next::Continue => {}
+                Next::PowerOff => return Ok(Ended::PowerOff),
+                Next::ServeShim(r) => return Ok(Ended::ServeShim(port, r)),
             }
         }
     }
@@ -98,6 +111,13 @@ impl Server {
                     kind: Some(response::Kind::Shutdown(ShutdownResponse {})),
                 };
                 return (resp, Next::PowerOff);
+            }
+            request::Kind::ServeShim(r) => {
+                let resp = Response {
+                    id,
+                    kind: Some(response::Kind::ServeShim(ServeShimResponse {})),
+                };
+                return (resp, Next::ServeShim(r));
             }
             request::Kind::Exec(r) => exec(r).map(response::Kind::Exec),
             request::Kind::Mount(r) => mount(r).map(response::Kind::Mount),

@@ -163,7 +163,8 @@ pub struct Containers {
     opts: SpecOptions,
 }
 
-fn mount_rootfs(mounts: &[sp::Mount], rootfs: &Path) -> Result<(), CtrError> {
+/// Mounts the rootfs `mounts` (overlay or bind, from the agent) at `rootfs`.
+pub fn mount_rootfs(mounts: &[sp::Mount], rootfs: &Path) -> Result<(), CtrError> {
     std::fs::create_dir_all(rootfs)
         .map_err(|e| CtrError::Failed(format!("creating {}: {e}", rootfs.display())))?;
     if mounts.is_empty() {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use isola_guest::frame::{read_frame, write_frame, FrameError};
 use isola_proto::guest::{
     request, response, ConfigureInterfaceRequest, ExecRequest, ExecResponse, HelloRequest,
-    HelloResponse, MountRequest, ReadFileRequest, Request, Response, ShutdownRequest,
-    WriteFileRequest,
+    HelloResponse, MountRequest, ReadFileRequest, Request, Response, ServeShimRequest,
+    ShutdownRequest, WriteFileRequest,
 };
 
 /// Errors of a guest API call.
@@ -201,5 +201,16 @@ impl AgentClient {
             append: false,
         });
         expect_kind!(self.call("write_file", kind)?, "write_file", WriteFile).map(|_| ())
+    }
+
+    /// Switches the channel to the shim API (see `ServeShimRequest`) and hands back the
+    /// raw stream, which from now on carries HTTP/2 to the guest's shim service.
+    pub fn serve_shim(mut self, req: ServeShimRequest) -> Result<UnixStream, AgentError> {
+        let kind = request::Kind::ServeShim(req);
+        expect_kind!(self.call("serve_shim", kind)?, "serve_shim", ServeShim)?;
+        self.stream
+            .set_read_timeout(None)
+            .map_err(AgentError::Write)?;
+        Ok(self.stream)
     }
 }

@@ -9,7 +9,8 @@
 //! * [`agent`]: the host's client of the guest API (`proto/guest.proto`);
 //! * [`initramfs`]: the cpio (newc) writer for the guest initramfs;
 //! * [`memory`]: per-process memory figures for the boot benchmark;
-//! * [`assets`]: where the guest kernel and initramfs are installed.
+//! * [`assets`]: where the guest kernel and initramfs are installed;
+//! * [`pod`]: the shim API of one VM pod (`isola-shim-vm`), forwarded to the guest.
 
 pub mod agent;
 pub mod assets;
@@ -17,6 +18,7 @@ pub mod console;
 pub mod hypervisor;
 pub mod initramfs;
 pub mod memory;
+pub mod pod;
 pub mod qemu;
 pub mod qmp;
 pub mod select;

@@ -248,10 +248,16 @@ impl QemuVm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        // SAFETY: the closure runs in the forked child before exec and only calls fcntl,
-        // which is async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl
+        // and fcntl, which are async-signal-safe; it touches no memory shared with the
+        // parent.
         unsafe {
             cmd.pre_exec(move || {
+                // A VM must not outlive its owner (the pod's shim, killed or crashed):
+                // the kernel kills QEMU when the spawning thread ends.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 for fd in &tap_fds {
                     // Keep the TAP across exec: QEMU gets it as `-netdev tap,fd=N`.
                     if libc::fcntl(*fd, libc::F_SETFD, 0) < 0 {

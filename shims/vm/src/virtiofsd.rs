@@ -52,7 +52,18 @@ pub fn spawn(
     let log_err = log_file
         .try_clone()
         .map_err(|e| VmError::io("dup virtiofsd log", e))?;
-    let mut child = Command::new(binary)
+    let mut cmd = Command::new(binary);
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Dies with the thread that started it (the VM's owner), like the VMM.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .arg(format!("--socket-path={}", socket.display()))
         .arg(format!("--shared-dir={}", shared_dir.display()))
         // The guest sees host changes at once (container rootfs binds appear after boot).

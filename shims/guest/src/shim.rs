@@ -1,0 +1,170 @@
+//! The shim API inside the guest: after a `ServeShimRequest` the agent port carries
+//! HTTP/2 (gRPC, `proto/shim.proto`) and the native shim's service runs the pod's
+//! containers here, with the same code as on the host (namespaces, cgroups, libcontainer).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use isola_proto::guest::ServeShimRequest;
+use isola_proto::shim::shim_server::ShimServer;
+use isola_shim_native::service::NativeShim;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+/// Where the guest shim keeps its pod state (bundles, console sockets, pod files).
+pub const STATE_DIR: &str = "/run/isola/pod";
+
+/// The agent port as one async byte stream, on tokio's reactor.
+///
+/// Not tokio's pipe types: they take a short read as "drained" and wait for the next
+/// edge, but a virtio-console read returns one queued buffer at a time, so data already
+/// queued behind it would never wake the reader. Here readiness is cleared only on
+/// EAGAIN.
+struct PortIo {
+    fd: AsyncFd<File>,
+}
+
+impl AsyncRead for PortIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|f| f.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PortIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            match guard.try_io(|f| f.get_ref().write(buf)) {
+                Ok(r) => return Poll::Ready(r),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tonic::transport::server::Connected for PortIo {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+fn set_nonblocking(f: &File) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own; no memory is passed.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn init_logging(req: &ServeShimRequest) {
+    let filter = EnvFilter::try_new(if req.log_filter.is_empty() {
+        "info"
+    } else {
+        req.log_filter.as_str()
+    })
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let file = (!req.log_path.is_empty())
+        .then(|| {
+            let path = std::path::Path::new(&req.log_path);
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        })
+        .flatten();
+    let _ = match file {
+        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        None => builder.with_writer(io::stderr).try_init(),
+    };
+}
+
+/// Serves the shim API on `port` until the host's Shutdown call (or the host closing the
+/// channel); the caller powers the guest off after.
+pub fn serve(port: File, req: &ServeShimRequest) -> io::Result<()> {
+    init_logging(req);
+    isola_shim_native::forker::become_subreaper();
+    std::fs::create_dir_all(STATE_DIR)?;
+    if !req.log_path.is_empty() {
+        // libcontainer's own log (the detail behind its "failed syscall" errors) goes
+        // next to ours, where the host can read it.
+        let _ = std::os::unix::fs::symlink(&req.log_path, format!("{STATE_DIR}/shim.log"));
+    }
+    set_nonblocking(&port)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("guest-shim")
+        .build()?;
+    let id = req.sandbox_id.clone();
+    let result = rt.block_on(async move {
+        // SAFETY: the File owns its fd, which stays open and the same for as long as the
+        // AsyncFd owns the File.
+        let fd = unsafe { AsyncFd::register(port) }.map_err(|e| io::Error::other(e.to_string()))?;
+        let io = PortIo { fd };
+        let (tx, mut rx) = watch::channel(false);
+        let shim = NativeShim::new(id.clone(), STATE_DIR.into(), tx);
+        tracing::info!(pod = %id, "guest shim serving on the agent port");
+        // One connection, and then none: an incoming stream that ended would make the
+        // server shut down (and close that connection) at once.
+        let incoming = tokio_stream::StreamExt::chain(
+            tokio_stream::once(Ok::<_, io::Error>(io)),
+            tokio_stream::pending(),
+        );
+        tonic::transport::Server::builder()
+            .add_service(ShimServer::new(shim))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = rx.wait_for(|s| *s).await;
+                // Let the Shutdown answer reach the host before the connection closes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            })
+            .await
+            .map_err(io::Error::other)
+    });
+    tracing::info!(?result, "guest shim done");
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
+}
