@@ -116,7 +116,12 @@ fn checks(args: &Args) -> anyhow::Result<Checks> {
     if let Some(net) = &args.selftest_net {
         let (addr, prefix) = net.split_once('/').context("--selftest-net wants ADDR/PREFIX")?;
         let addr: Ipv4Addr = addr.parse().context("--selftest-net address")?;
-        checks.net = Some((addr, prefix.parse().context("--selftest-net prefix")?));
+        let tap = args
+            .tap
+            .first()
+            .context("--selftest-net needs a --tap NAME")?
+            .clone();
+        checks.net = Some((addr, prefix.parse().context("--selftest-net prefix")?, tap));
     }
     if let Some(fs) = &args.selftest_fs {
         let (tag, text) = fs.split_once('=').context("--selftest-fs wants TAG=TEXT")?;
@@ -155,7 +160,13 @@ fn run(args: &Args, launched: Instant) -> anyhow::Result<i32> {
     let selftest = if args.selftest {
         let socket = args.agent_socket.clone().unwrap_or_default();
         Some(std::thread::spawn(move || {
-            selftest::run(&socket, launched, &checks)
+            let result = selftest::run(&socket, launched, &checks);
+            if let Err(e) = &result {
+                // The guest may be wedged: end the VM now rather than wait for it.
+                println!("selftest: FAILED: {e}");
+                std::process::exit(5);
+            }
+            result
         }))
     } else {
         None

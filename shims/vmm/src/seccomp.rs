@@ -1,6 +1,7 @@
 //! seccomp allow-lists per thread kind, as Firecracker has them: each thread installs its
 //! own filter once set-up is done (after every fd is open, every mapping made), so the
-//! lists cover only the steady state. A syscall outside the list kills the process.
+//! lists cover only the steady state. A syscall outside the list traps: the SIGSYS
+//! handler names the syscall on stderr and ends the process with status 159 (128 + SIGSYS).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -49,6 +50,9 @@ const KVM_RUN: u64 = 0xae80;
 /// What every thread needs: memory management by the allocator, futexes, signals,
 /// clocks, logging to stderr and the log file, and exit.
 const COMMON: &[i64] = &[
+    // Device activation runs on the vCPU that writes DRIVER_OK: it registers the device's
+    // backend fds with the event loop.
+    libc::SYS_epoll_ctl,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -107,7 +111,7 @@ fn build(kind: ThreadKind, extra: &[i64], rules: Vec<(i64, Vec<SeccompRule>)>) -
     }
     let filter = SeccompFilter::new(
         map,
-        SeccompAction::KillProcess,
+        SeccompAction::Trap,
         SeccompAction::Allow,
         TargetArch::x86_64,
     )
@@ -127,15 +131,97 @@ pub fn filters() -> Result<Filters, SeccompError> {
     )
     .map_err(|e| SeccompError::Build(ThreadKind::Vcpu, e.to_string()))?])
     .map_err(|e| SeccompError::Build(ThreadKind::Vcpu, e.to_string()))?;
+    // std's fd drop checks, in debug builds, that the fd is open with fcntl(F_GETFD).
+    let getfd = |kind| -> Result<SeccompRule, SeccompError> {
+        SeccompRule::new(vec![SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::F_GETFD as u64,
+        )
+        .map_err(|e| SeccompError::Build(kind, e.to_string()))?])
+        .map_err(|e| SeccompError::Build(kind, e.to_string()))
+    };
     Ok(Filters {
-        vcpu: Arc::new(build(ThreadKind::Vcpu, &[], vec![(libc::SYS_ioctl, vec![kvm_run])])?),
+        vcpu: Arc::new(build(
+            ThreadKind::Vcpu,
+            &[],
+            vec![
+                (libc::SYS_ioctl, vec![kvm_run]),
+                (libc::SYS_fcntl, vec![getfd(ThreadKind::Vcpu)?]),
+            ],
+        )?),
         event_loop: Arc::new(build(ThreadKind::EventLoop, EVENT_LOOP, Vec::new())?),
-        main: Arc::new(build(ThreadKind::Main, MAIN, Vec::new())?),
+        main: Arc::new(build(
+            ThreadKind::Main,
+            MAIN,
+            vec![(libc::SYS_fcntl, vec![getfd(ThreadKind::Main)?])],
+        )?),
     })
+}
+
+/// Exit status after a forbidden syscall.
+pub const SECCOMP_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // siginfo's SIGSYS fields: the call address (8 bytes at offset 16), then the syscall
+    // number (int).
+    // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers; offset 24 is
+    // inside it (it is 128 bytes).
+    let nr = unsafe { *(info.cast::<u8>().add(24).cast::<libc::c_int>()) };
+    let kind = THREAD_KIND.with(|k| k.get());
+    let mut msg = *b"isola-vmm: seccomp: forbidden syscall            in a ? thread\n";
+    let mut n = nr.unsigned_abs();
+    msg[54] = kind;
+    let mut i = 47;
+    loop {
+        msg[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 38 {
+            break;
+        }
+        i -= 1;
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; msg is a valid buffer.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(SECCOMP_EXIT_STATUS);
+    }
+}
+
+/// Installs the SIGSYS handler that reports a forbidden syscall (once per process).
+pub fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is valid; we set a handler of the SA_SIGINFO signature
+    // and an empty mask before passing it to sigaction(2).
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_sigsys as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &act, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::Apply(
+                ThreadKind::Main,
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The calling thread's kind as one letter (v, e, m), for the SIGSYS report.
+    static THREAD_KIND: std::cell::Cell<u8> = const { std::cell::Cell::new(b'?') };
 }
 
 /// Installs `filter` on the calling thread (other threads keep theirs).
 pub fn apply(kind: ThreadKind, filter: &BpfProgram) -> Result<(), SeccompError> {
+    THREAD_KIND.with(|k| {
+        k.set(match kind {
+            ThreadKind::Vcpu => b'v',
+            ThreadKind::EventLoop => b'e',
+            ThreadKind::Main => b'm',
+        })
+    });
     seccompiler::apply_filter(filter).map_err(|e| SeccompError::Apply(kind, e.to_string()))
 }
 
@@ -159,7 +245,7 @@ mod tests {
         if pid == 0 {
             let f = filters().map(|f| f.main);
             if let Ok(main) = f {
-                if apply(ThreadKind::Main, &main).is_ok() {
+                if install_sigsys_handler().is_ok() && apply(ThreadKind::Main, &main).is_ok() {
                     // Allowed: getpid. Forbidden: socket.
                     // SAFETY: plain syscalls with no pointers.
                     unsafe {
@@ -175,7 +261,28 @@ mod tests {
         let mut status = 0;
         // SAFETY: waits for our own child; status is a valid out pointer.
         unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFSIGNALED(status), "status {status:#x}");
-        assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+        assert!(libc::WIFEXITED(status), "status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_STATUS);
+    }
+}
+
+#[cfg(test)]
+mod thread_exit_tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_thread_can_report_and_exit() {
+        let f = filters().unwrap();
+        install_sigsys_handler().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let vcpu = f.vcpu.clone();
+        let t = std::thread::spawn(move || {
+            apply(ThreadKind::Vcpu, &vcpu).unwrap();
+            let span = tracing::info_span!("vcpu", id = 0);
+            let _g = span.enter();
+            tx.send("done".to_string()).unwrap();
+        });
+        assert_eq!(rx.recv().unwrap(), "done");
+        t.join().unwrap();
     }
 }

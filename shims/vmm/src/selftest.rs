@@ -288,13 +288,35 @@ pub fn ping(dst: Ipv4Addr, tries: u32) -> Result<Duration, SelftestError> {
     Err(SelftestError::Check(format!("no ICMP echo reply from {dst} after {tries} tries")))
 }
 
+/// Gives the host side of `tap` the first address of the guest's subnet and brings it up
+/// (with `ip`, which the rig's busybox provides).
+fn configure_host_tap(tap: &str, guest: Ipv4Addr, prefix: u32) -> Result<(), SelftestError> {
+    let mask = u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
+    let host = Ipv4Addr::from((u32::from(guest) & mask) + 1);
+    for args in [
+        vec!["addr".to_string(), "add".into(), format!("{host}/{prefix}"), "dev".into(), tap.into()],
+        vec!["link".to_string(), "set".into(), tap.into(), "up".into()],
+    ] {
+        let out = std::process::Command::new("ip").args(&args).output()?;
+        if !out.status.success() {
+            return Err(SelftestError::Check(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What the self-test checks beyond hello, exec and shutdown.
 #[derive(Debug, Default, Clone)]
 pub struct Checks {
     /// Mount /dev/vda (ext4, read-only) and expect `hello.txt` to hold this.
     pub blk_expect: Option<String>,
-    /// Give eth0 this address/prefix and ping it from the host.
-    pub net: Option<(Ipv4Addr, u32)>,
+    /// Give eth0 this address/prefix, give the host's TAP (`.2`) the first address of
+    /// that subnet, and ping the guest.
+    pub net: Option<(Ipv4Addr, u32, String)>,
     /// Mount this virtio-fs tag and expect `hello.txt` in it to hold `.1`.
     pub fs: Option<(String, String)>,
 }
@@ -302,8 +324,8 @@ pub struct Checks {
 /// Runs the self-test against the agent at `socket`, printing one `selftest:` line per
 /// check; `launched` is when the VMM started (for the hello figure).
 pub fn run(socket: &Path, launched: Instant, checks: &Checks) -> Result<(), SelftestError> {
-    let mut agent = Agent::connect(socket, Duration::from_secs(60))?;
-    agent.set_timeout(Duration::from_secs(120))?;
+    let mut agent = Agent::connect(socket, Duration::from_secs(10))?;
+    agent.set_timeout(Duration::from_secs(60))?;
     let (kernel, cpus) = agent.hello()?;
     println!(
         "selftest: hello ok kernel={kernel} cpus={cpus} ms={}",
@@ -325,7 +347,9 @@ pub fn run(socket: &Path, launched: Instant, checks: &Checks) -> Result<(), Self
         }
         println!("selftest: blk ok");
     }
-    if let Some((addr, prefix)) = checks.net {
+    if let Some((addr, prefix, tap)) = &checks.net {
+        let (addr, prefix) = (*addr, *prefix);
+        configure_host_tap(tap, addr, prefix)?;
         agent.configure_eth0(addr, prefix)?;
         let rtt = ping(addr, 20)?;
         println!("selftest: net ok rtt_us={}", rtt.as_micros());

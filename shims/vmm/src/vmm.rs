@@ -410,6 +410,7 @@ impl Vmm {
     pub fn run(mut self) -> Result<ExitReason, VmmError> {
         let (tx, rx) = mpsc::channel::<ExitReason>();
         let filters = if self.seccomp {
+            seccomp::install_sigsys_handler()?;
             Some(seccomp::filters()?)
         } else {
             None

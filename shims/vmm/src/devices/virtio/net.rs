@@ -302,7 +302,8 @@ impl<T: Read + Write + AsRawFd + Send> VirtioDevice for Net<T> {
             interrupt: a.interrupt,
             _registrar: a.registrar,
         });
-        self.pump_rx();
+        // Frames already queued make the TAP readable at registration: the event loop
+        // moves them.
         Ok(())
     }
     fn queue_notify(&mut self, index: usize) {
