@@ -495,3 +495,22 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs each async test body `async fn name(handler: &str)` once per runtime handler, as
+/// the tests `name::native` (the default handler, "") and `name::vm` (a microVM per pod):
+/// the same assertions for both kinds of pod.
+#[macro_export]
+macro_rules! for_each_handler {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn native() {
+                super::$name("").await
+            }
+            #[tokio::test]
+            async fn vm() {
+                super::$name("vm").await
+            }
+        }
+    )+};
+}

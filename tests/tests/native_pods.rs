@@ -25,12 +25,11 @@ fn sc(
     })
 }
 
-#[tokio::test]
-async fn logs_exit_codes_and_cleanup() {
+async fn logs_exit_codes_and_cleanup(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("logs");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(
         &mut rt,
         &pod,
@@ -138,12 +137,11 @@ async fn logs_exit_codes_and_cleanup() {
     assert!(!pod_cgroups_left(&pod), "pod cgroups left behind");
 }
 
-#[tokio::test]
-async fn args_env_and_user_merge_with_the_image() {
+async fn args_env_and_user_merge_with_the_image(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("merge");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let base = |name: &str| cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {
             name: name.into(),
@@ -208,12 +206,11 @@ async fn args_env_and_user_merge_with_the_image() {
     w.agent.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn security_context_readonly_rootfs_and_capabilities() {
+async fn security_context_readonly_rootfs_and_capabilities(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("sec");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let mut ro = w.sh(
         "ro",
         "touch /x && echo wrote; touch /tmp/y 2>&1 || true; exit 0",
@@ -263,12 +260,11 @@ async fn security_context_readonly_rootfs_and_capabilities() {
     w.agent.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn memory_limit_ends_in_oomkilled() {
+async fn memory_limit_ends_in_oomkilled(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("oom");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let mut c = w.sh("hog", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done");
     c.linux = Some(cri::LinuxContainerConfig {
         resources: Some(cri::LinuxContainerResources {
@@ -285,12 +281,11 @@ async fn memory_limit_ends_in_oomkilled() {
     w.agent.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn exec_sync_stop_timeout_and_shared_namespaces() {
+async fn exec_sync_stop_timeout_and_shared_namespaces(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("exec");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     // PID 1 of the pod's PID namespace is the infra process: sh here ignores SIGTERM
     // via trap, so stop must end in SIGKILL after the timeout.
     let a = run(
@@ -409,8 +404,7 @@ async fn exec_sync_stop_timeout_and_shared_namespaces() {
     w.agent.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn stats_update_reopen_log_and_events() {
+async fn stats_update_reopen_log_and_events(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let mut events = w
@@ -421,7 +415,7 @@ async fn stats_update_reopen_log_and_events() {
         .expect("events")
         .into_inner();
     let pc = w.pod("stats");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(
         &mut rt,
         &pod,
@@ -550,12 +544,11 @@ async fn stats_update_reopen_log_and_events() {
     w.agent.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn containers_survive_agent_restarts_and_shim_death_is_noticed() {
+async fn containers_survive_agent_restarts_and_shim_death_is_noticed(handler: &str) {
     let mut w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("restart");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let long = run(&mut rt, &pod, &pc, w.sh("long", "sleep 1000")).await;
     let short = run(&mut rt, &pod, &pc, w.sh("short", "sleep 3; exit 7")).await;
     w.agent.kill9();
@@ -801,3 +794,13 @@ async fn an_image_in_use_keeps_its_layers_until_the_container_goes() {
     );
     w.agent.assert_no_leaks();
 }
+
+isola_tests::for_each_handler!(
+    logs_exit_codes_and_cleanup,
+    args_env_and_user_merge_with_the_image,
+    security_context_readonly_rootfs_and_capabilities,
+    memory_limit_ends_in_oomkilled,
+    exec_sync_stop_timeout_and_shared_namespaces,
+    stats_update_reopen_log_and_events,
+    containers_survive_agent_restarts_and_shim_death_is_noticed,
+);

@@ -158,6 +158,16 @@ fn assert_no_network_leaks(agent: &Agent) {
     assert!(cache.is_empty(), "leaked CNI cache: {cache:?}");
 }
 
+/// The test's network number: vm variants get their own bridge and subnet, so both
+/// variants of a test run side by side.
+fn net_no(handler: &str, n: u8) -> u8 {
+    if handler == "vm" {
+        n + 100
+    } else {
+        n
+    }
+}
+
 fn in_subnet(ip: &str, n: u8) -> bool {
     ip.starts_with(&format!("10.99.{n}.")) && ip.parse::<std::net::Ipv4Addr>().is_ok()
 }
@@ -165,9 +175,8 @@ fn in_subnet(ip: &str, n: u8) -> bool {
 const SERVER: &str =
     "mkdir -p /tmp/www && echo hello-isola > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
 
-#[tokio::test]
-async fn two_pods_talk_and_nothing_is_left() {
-    let net = Net::new(41);
+async fn two_pods_talk_and_nothing_is_left(handler: &str) {
+    let net = Net::new(net_no(handler, 41));
     let w = World::start().await;
     let mut rt = w.rt().await;
     net.install(&w.agent, &net.default_conflist());
@@ -176,19 +185,19 @@ async fn two_pods_talk_and_nothing_is_left() {
 
     let pa = w.pod("srv");
     let t = std::time::Instant::now();
-    let a = run_pod(&mut rt, pa.clone(), "").await.expect("pod a");
+    let a = run_pod(&mut rt, pa.clone(), handler).await.expect("pod a");
     eprintln!(
         "RunPodSandbox with CNI (first pod, bridge created): {:?}",
         t.elapsed()
     );
     let pb = w.pod("cli");
     let t = std::time::Instant::now();
-    let b = run_pod(&mut rt, pb.clone(), "").await.expect("pod b");
+    let b = run_pod(&mut rt, pb.clone(), handler).await.expect("pod b");
     eprintln!("RunPodSandbox with CNI (second pod): {:?}", t.elapsed());
     let (ip_a, more_a) = pod_ips(&mut rt, &a).await;
     let (ip_b, _) = pod_ips(&mut rt, &b).await;
-    assert!(in_subnet(&ip_a, 41), "pod a ip {ip_a:?}");
-    assert!(in_subnet(&ip_b, 41), "pod b ip {ip_b:?}");
+    assert!(in_subnet(&ip_a, net.subnet), "pod a ip {ip_a:?}");
+    assert!(in_subnet(&ip_b, net.subnet), "pod b ip {ip_b:?}");
     assert_ne!(ip_a, ip_b);
     assert!(more_a.is_empty(), "an IPv4-only network: {more_a:?}");
     assert_eq!(net.ports().len(), 2, "one veth per pod on the bridge");
@@ -272,9 +281,8 @@ fn http_get(addr: std::net::SocketAddr) -> std::io::Result<String> {
     Ok(out)
 }
 
-#[tokio::test]
-async fn port_mapping_answers_on_loopback() {
-    let net = Net::new(42);
+async fn port_mapping_answers_on_loopback(handler: &str) {
+    let net = Net::new(net_no(handler, 42));
     let w = World::start().await;
     let mut rt = w.rt().await;
     net.install(&w.agent, &net.default_conflist());
@@ -286,9 +294,9 @@ async fn port_mapping_answers_on_loopback() {
         host_port: port as i32,
         host_ip: "127.0.0.1".into(),
     }];
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let (ip, _) = pod_ips(&mut rt, &pod).await;
-    assert!(in_subnet(&ip, 42), "{ip:?}");
+    assert!(in_subnet(&ip, net.subnet), "{ip:?}");
     run(&mut rt, &pod, &pc, w.sh("srv", SERVER)).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     let mut last = String::new();
@@ -314,9 +322,8 @@ fn ifaces_of(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn dns_config_lands_in_resolv_conf_and_host_network_sees_the_host() {
-    let net = Net::new(43);
+async fn dns_config_lands_in_resolv_conf_and_host_network_sees_the_host(handler: &str) {
+    let net = Net::new(net_no(handler, 43));
     let w = World::start().await;
     let mut rt = w.rt().await;
     net.install(&w.agent, &net.default_conflist());
@@ -326,7 +333,7 @@ async fn dns_config_lands_in_resolv_conf_and_host_network_sees_the_host() {
         searches: vec!["ns1.svc.cluster.local".into(), "svc.cluster.local".into()],
         options: vec!["ndots:5".into(), "timeout:1".into()],
     });
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let c = run(&mut rt, &pod, &pc, w.sh("c", "exec sleep 600")).await;
     let r = exec(&mut rt, &c, &["cat", "/etc/resolv.conf"], 10)
         .await
@@ -357,7 +364,20 @@ async fn dns_config_lands_in_resolv_conf_and_host_network_sees_the_host() {
         }),
         ..Default::default()
     });
-    let hpod = run_pod(&mut rt, hc.clone(), "").await.expect("host pod");
+    if handler == "vm" {
+        // A VM cannot share the host's network namespace: refused, nothing left behind.
+        let err = run_pod(&mut rt, hc.clone(), handler)
+            .await
+            .expect_err("hostNetwork vm pod");
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(err.message().contains("network"), "{}", err.message());
+        assert_no_network_leaks(&w.agent);
+        w.agent.assert_no_leaks();
+        return;
+    }
+    let hpod = run_pod(&mut rt, hc.clone(), handler)
+        .await
+        .expect("host pod");
     let (ip, _) = pod_ips(&mut rt, &hpod).await;
     assert_eq!(ip, "", "a hostNetwork pod gets no pod IP from CNI");
     assert!(net.leases().is_empty(), "CNI ran for a hostNetwork pod");
@@ -611,3 +631,9 @@ async fn failed_del_is_retried_by_remove() {
     assert_no_network_leaks(&agent);
     agent.assert_no_leaks();
 }
+
+isola_tests::for_each_handler!(
+    two_pods_talk_and_nothing_is_left,
+    port_mapping_answers_on_loopback,
+    dns_config_lands_in_resolv_conf_and_host_network_sees_the_host,
+);

@@ -41,12 +41,11 @@ async fn exec_script(url: &str, protocol: &str) -> Outcome {
     r.finish().await.expect("finish")
 }
 
-#[tokio::test]
-async fn spdy_exec_carries_stdio_and_the_exit_code() {
+async fn spdy_exec_carries_stdio_and_the_exit_code(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("exec");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
 
     for protocol in [channel::V4, channel::V5] {
@@ -124,12 +123,11 @@ async fn spdy_exec_carries_stdio_and_the_exit_code() {
     teardown(&mut rt, &pod).await;
 }
 
-#[tokio::test]
-async fn many_parallel_execs_do_not_interfere() {
+async fn many_parallel_execs_do_not_interfere(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("par");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
     let mut urls = Vec::new();
     for n in 0..8 {
@@ -169,12 +167,11 @@ async fn forward_url(rt: &mut Runtime, pod: &str, ports: &[i32]) -> String {
     .url
 }
 
-#[tokio::test]
-async fn spdy_port_forward_reaches_a_server_in_the_pod() {
+async fn spdy_port_forward_reaches_a_server_in_the_pod(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("pf");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     run(
         &mut rt,
         &pod,
@@ -280,13 +277,12 @@ async fn an_expired_token_is_refused() {
     teardown(&mut rt, &pod).await;
 }
 
-#[tokio::test]
-async fn websocket_exec_and_port_forward() {
+async fn websocket_exec_and_port_forward(handler: &str) {
     use futures::SinkExt;
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("ws");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(
         &mut rt,
         &pod,
@@ -367,12 +363,11 @@ async fn read_until(s: &mut isola_streaming::spdy::Stream, seen: &mut Vec<u8>, w
         .unwrap_or(false)
 }
 
-#[tokio::test]
-async fn tty_exec_follows_resizes() {
+async fn tty_exec_follows_resizes(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("tty");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
     let url = exec_url(&mut rt, &id, &["sh"], true, true).await;
     let (session, _) = spdy_connect(&url, &[channel::V4]).await.unwrap().unwrap();
@@ -433,12 +428,11 @@ async fn attach_url(rt: &mut Runtime, id: &str, tty: bool) -> String {
     .url
 }
 
-#[tokio::test]
-async fn attach_joins_the_containers_stdio() {
+async fn attach_joins_the_containers_stdio(handler: &str) {
     let w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("attach");
-    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let pod = run_pod(&mut rt, pc.clone(), handler).await.expect("pod");
     // A plain container echoing its stdin, and a TTY one running a shell.
     let plain = run(
         &mut rt,
@@ -532,3 +526,12 @@ async fn attach_joins_the_containers_stdio() {
     );
     teardown(&mut rt, &pod).await;
 }
+
+isola_tests::for_each_handler!(
+    spdy_exec_carries_stdio_and_the_exit_code,
+    many_parallel_execs_do_not_interfere,
+    spdy_port_forward_reaches_a_server_in_the_pod,
+    websocket_exec_and_port_forward,
+    tty_exec_follows_resizes,
+    attach_joins_the_containers_stdio,
+);

@@ -297,6 +297,172 @@ pub fn merge_args(
     Ok(all)
 }
 
+/// A device node found on the host, as it will appear in the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostDevice {
+    path: String,
+    kind: &'static str,
+    major: i64,
+    minor: i64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+/// The device node at `host` (symlinks followed), to appear at `container`; None when it
+/// is not a device node.
+fn device_at(host: &Path, container: &str) -> std::io::Result<Option<HostDevice>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = std::fs::metadata(host)?;
+    let kind = if meta.file_type().is_char_device() {
+        "c"
+    } else if meta.file_type().is_block_device() {
+        "b"
+    } else {
+        return Ok(None);
+    };
+    let rdev = meta.rdev();
+    Ok(Some(HostDevice {
+        path: container.to_owned(),
+        kind,
+        major: i64::from(libc::major(rdev)),
+        minor: i64::from(libc::minor(rdev)),
+        mode: meta.mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }))
+}
+
+/// Every device node under the host directory `host`, recursively, placed under
+/// `container`; `skip` names entries of the top directory to leave out.
+fn devices_under(host: &Path, container: &str, skip: &[&str]) -> Vec<HostDevice> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(host) else {
+        return out;
+    };
+    let mut entries: Vec<_> = entries.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if skip.contains(&name.as_str()) {
+            continue;
+        }
+        let target = format!("{}/{name}", container.trim_end_matches('/'));
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            out.extend(devices_under(&e.path(), &target, &[]));
+        } else if !ft.is_symlink() {
+            // Device nodes that vanish while we look are skipped, as runc does.
+            if let Ok(Some(d)) = device_at(&e.path(), &target) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// The host's devices for a privileged container: all of /dev but the per-container
+/// file systems and the console (runc's HostDevices).
+fn privileged_devices() -> Vec<HostDevice> {
+    devices_under(
+        Path::new("/dev"),
+        "/dev",
+        &[
+            "pts",
+            "shm",
+            "fd",
+            "mqueue",
+            "console",
+            ".lxc",
+            ".lxd-mounts",
+            ".udev",
+        ],
+    )
+}
+
+/// Checks a container device path: absolute, under /dev, without `..`.
+fn check_device_path(p: &str) -> Result<(), SpecError> {
+    let path = Path::new(p);
+    let ok = path.is_absolute()
+        && path.starts_with("/dev")
+        && path != Path::new("/dev")
+        && !path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Invalid(format!(
+            "config.devices: container_path {p:?} must be an absolute path under /dev"
+        )))
+    }
+}
+
+/// One CRI device: a device node, or a directory of them (as containerd), and the
+/// cgroup access it is granted.
+fn requested_device(d: &cri::Device) -> Result<(Vec<HostDevice>, String), SpecError> {
+    if !d.host_path.starts_with('/') {
+        return Err(SpecError::Invalid(format!(
+            "config.devices: host_path {:?} must be an absolute path",
+            d.host_path
+        )));
+    }
+    let container = if d.container_path.is_empty() {
+        d.host_path.as_str()
+    } else {
+        d.container_path.as_str()
+    };
+    check_device_path(container)?;
+    let access = if d.permissions.is_empty() {
+        "rwm".to_owned()
+    } else {
+        d.permissions.clone()
+    };
+    let mut seen = String::new();
+    for c in access.chars() {
+        if !"rwm".contains(c) || seen.contains(c) {
+            return Err(SpecError::Invalid(format!(
+                "config.devices: permissions {:?} of {:?} must be a combination of r, w and m",
+                d.permissions, d.host_path
+            )));
+        }
+        seen.push(c);
+    }
+    let host = Path::new(&d.host_path);
+    let meta = std::fs::metadata(host).map_err(|e| {
+        let why = if e.kind() == std::io::ErrorKind::NotFound {
+            "no such device on the host".to_owned()
+        } else {
+            e.to_string()
+        };
+        SpecError::Invalid(format!(
+            "config.devices: host_path {:?}: {why}",
+            d.host_path
+        ))
+    })?;
+    if meta.is_dir() {
+        let found = devices_under(host, container, &[]);
+        if found.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "config.devices: host_path {:?} is a directory without device nodes",
+                d.host_path
+            )));
+        }
+        return Ok((found, access));
+    }
+    match device_at(host, container) {
+        Ok(Some(dev)) => Ok((vec![dev], access)),
+        Ok(None) => Err(SpecError::Invalid(format!(
+            "config.devices: host_path {:?} is not a device node",
+            d.host_path
+        ))),
+        Err(e) => Err(SpecError::Invalid(format!(
+            "config.devices: host_path {:?}: {e}",
+            d.host_path
+        ))),
+    }
+}
+
 /// Builds the spec.
 pub fn generate(
     container_id: &str,
@@ -431,6 +597,12 @@ pub fn generate(
         (None, true) => {}
         (None, false) => namespaces.push(json!({"type": "pid"})),
     }
+    // On cgroup v2 a container gets a cgroup namespace of its own (containerd's default
+    // there), so its /sys/fs/cgroup is its own cgroup: memory.max etc. at the top, as
+    // the cgroup v1 bind mounts give.
+    if crate::cgroups::is_v2() {
+        namespaces.push(json!({"type": "cgroup"}));
+    }
 
     // Mounts.
     let cri_targets: Vec<&str> = config
@@ -493,42 +665,24 @@ pub fn generate(
         mounts.push(json!({"destination": m.container_path, "type": "bind", "source": m.host_path, "options": options}));
     }
 
-    // Devices.
-    let mut devices = Vec::new();
+    // Devices: a privileged container gets every host device (as runc under containerd
+    // does), then the requested ones, which win on the same container path.
+    let mut devices: Vec<Value> = Vec::new();
     let mut device_rules = vec![json!({"allow": privileged, "access": "rwm"})];
-    for d in &config.devices {
-        let meta = std::fs::metadata(&d.host_path).map_err(|e| {
-            SpecError::Invalid(format!("config.devices: host_path {:?}: {e}", d.host_path))
-        })?;
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let kind = if meta.file_type().is_char_device() {
-            "c"
-        } else if meta.file_type().is_block_device() {
-            "b"
-        } else {
-            return Err(SpecError::Invalid(format!(
-                "config.devices: {:?} is not a device node",
-                d.host_path
-            )));
-        };
-        let rdev = meta.rdev();
-        let (major, minor) = (libc::major(rdev) as i64, libc::minor(rdev) as i64);
-        let access = if d.permissions.is_empty() {
-            "rwm"
-        } else {
-            d.permissions.as_str()
-        };
-        if !access.chars().all(|c| "rwm".contains(c)) {
-            return Err(SpecError::Invalid(format!(
-                "config.devices: permissions {access:?} must be made of r, w, m"
-            )));
+    let mut add = |found: Vec<HostDevice>, access: &str| {
+        for d in found {
+            devices.retain(|x| x["path"] != json!(d.path));
+            device_rules.push(json!({"allow": true, "type": d.kind, "major": d.major, "minor": d.minor, "access": access}));
+            devices.push(json!({"path": d.path, "type": d.kind, "major": d.major, "minor": d.minor, "fileMode": d.mode, "uid": d.uid, "gid": d.gid}));
         }
-        devices.push(json!({"path": d.container_path, "type": kind, "major": major, "minor": minor, "fileMode": meta.mode() & 0o777, "uid": 0, "gid": 0}));
-        device_rules.push(
-            json!({"allow": true, "type": kind, "major": major, "minor": minor, "access": access}),
-        );
+    };
+    if privileged {
+        add(privileged_devices(), "rwm");
     }
-
+    for d in &config.devices {
+        let (found, access) = requested_device(d)?;
+        add(found, &access);
+    }
     // Resources.
     let r = linux.resources.clone().unwrap_or_default();
     let mut resources = json!({"devices": device_rules});
@@ -641,7 +795,7 @@ pub fn generate(
                     Some(seccomp::default_profile(&caps))
                 }
                 Ok(cri::security_profile::ProfileType::Localhost) => {
-                    Some(seccomp::localhost_profile(&p.localhost_ref)?)
+                    Some(seccomp::localhost_profile(&p.localhost_ref, &caps)?)
                 }
                 _ => None,
             },
@@ -649,7 +803,7 @@ pub fn generate(
             None => match sc.seccomp_profile_path.as_str() {
                 "runtime/default" | "docker/default" => Some(seccomp::default_profile(&caps)),
                 p if p.starts_with("localhost/") => {
-                    Some(seccomp::localhost_profile(&p["localhost".len()..])?)
+                    Some(seccomp::localhost_profile(&p["localhost".len()..], &caps)?)
                 }
                 _ => None,
             },
@@ -841,6 +995,99 @@ mod tests {
         )
         .expect_err("relative cwd");
         assert!(err.to_string().contains("working_dir"));
+    }
+
+    fn with_devices(devices: Vec<cri::Device>, privileged: bool) -> Result<Value, SpecError> {
+        let c = cri::ContainerConfig {
+            devices,
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let root = tempfile::tempdir().expect("root");
+        let g = generate(
+            "c",
+            &c,
+            &image(),
+            root.path(),
+            &PodContext::default(),
+            &SpecOptions::default(),
+        )?;
+        Ok(serde_json::to_value(&g.spec).expect("json"))
+    }
+
+    fn dev(host: &str, container: &str, perms: &str) -> cri::Device {
+        cri::Device {
+            host_path: host.into(),
+            container_path: container.into(),
+            permissions: perms.into(),
+        }
+    }
+
+    #[test]
+    fn devices_become_nodes_and_cgroup_rules() {
+        let v = with_devices(vec![dev("/dev/null", "/dev/isola-null", "rw")], false).expect("spec");
+        let d = &v["linux"]["devices"][0];
+        assert_eq!(
+            (&d["path"], &d["type"], &d["major"], &d["minor"]),
+            (&json!("/dev/isola-null"), &json!("c"), &json!(1), &json!(3))
+        );
+        let rules = v["linux"]["resources"]["devices"]
+            .as_array()
+            .expect("rules");
+        assert_eq!(rules[0], json!({"allow": false, "access": "rwm"}));
+        assert!(rules.contains(
+            &json!({"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rw"})
+        ));
+        // Unprivileged containers get no host devices but the ones asked for.
+        assert_eq!(v["linux"]["devices"].as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn bad_devices_name_the_device() {
+        let err =
+            with_devices(vec![dev("/dev/isola-nope", "/dev/x", "rw")], false).expect_err("missing");
+        assert!(err.to_string().contains("/dev/isola-nope"), "{err}");
+        let err = with_devices(vec![dev("/dev/null", "/dev/x", "rwx")], false)
+            .expect_err("bad permissions");
+        assert!(err.to_string().contains("permissions \"rwx\""), "{err}");
+        let err = with_devices(vec![dev("/dev/null", "/dev/x", "rr")], false)
+            .expect_err("repeated permission");
+        assert!(err.to_string().contains("permissions"), "{err}");
+        for bad in ["/tmp/x", "dev/x", "/dev/../etc/x", "/dev"] {
+            let err = with_devices(vec![dev("/dev/null", bad, "r")], false)
+                .expect_err("bad container path");
+            assert!(err.to_string().contains("container_path"), "{bad}: {err}");
+        }
+        let err = with_devices(vec![dev("/etc/hostname", "/dev/x", "r")], false)
+            .expect_err("not a device");
+        assert!(err.to_string().contains("not a device node"), "{err}");
+        let err = with_devices(vec![dev("relative", "/dev/x", "r")], false)
+            .expect_err("relative host path");
+        assert!(err.to_string().contains("host_path"), "{err}");
+    }
+
+    #[test]
+    fn privileged_containers_get_the_host_devices() {
+        let v = with_devices(vec![dev("/dev/null", "/dev/null", "r")], true).expect("spec");
+        let devices = v["linux"]["devices"].as_array().expect("devices");
+        let paths: Vec<&str> = devices.iter().filter_map(|d| d["path"].as_str()).collect();
+        assert!(paths.contains(&"/dev/zero"), "{paths:?}");
+        assert!(
+            !paths.iter().any(|p| p.starts_with("/dev/pts/")),
+            "{paths:?}"
+        );
+        assert!(!paths.contains(&"/dev/console"), "{paths:?}");
+        assert_eq!(paths.iter().filter(|p| **p == "/dev/null").count(), 1);
+        assert_eq!(
+            v["linux"]["resources"]["devices"][0],
+            json!({"allow": true, "access": "rwm"})
+        );
     }
 
     #[test]
