@@ -39,7 +39,10 @@ impl EventRegistrar for EpollRegistrar {
         self.epoll.ctl(
             ControlOperation::Add,
             fd,
-            EpollEvent::new(EventSet::from_bits_truncate(events), token(self.device, sub)),
+            EpollEvent::new(
+                EventSet::from_bits_truncate(events),
+                token(self.device, sub),
+            ),
         )
     }
     fn remove(&self, fd: RawFd) -> std::io::Result<()> {

@@ -14,7 +14,10 @@ use isola_vmm::selftest::{self, Checks};
 use isola_vmm::{ExitReason, Vmm, VmmConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "isola-vmm", about = "isola's microVM monitor: boots one VM on KVM")]
+#[command(
+    name = "isola-vmm",
+    about = "isola's microVM monitor: boots one VM on KVM"
+)]
 struct Args {
     /// ELF vmlinux with a PVH entry note.
     #[arg(long)]
@@ -114,7 +117,9 @@ fn checks(args: &Args) -> anyhow::Result<Checks> {
         ..Default::default()
     };
     if let Some(net) = &args.selftest_net {
-        let (addr, prefix) = net.split_once('/').context("--selftest-net wants ADDR/PREFIX")?;
+        let (addr, prefix) = net
+            .split_once('/')
+            .context("--selftest-net wants ADDR/PREFIX")?;
         let addr: Ipv4Addr = addr.parse().context("--selftest-net address")?;
         let tap = args
             .tap

@@ -101,7 +101,11 @@ const EVENT_LOOP: &[i64] = &[
 /// The main thread: waits on a channel, then exits.
 const MAIN: &[i64] = &[libc::SYS_nanosleep, libc::SYS_clock_nanosleep];
 
-fn build(kind: ThreadKind, extra: &[i64], rules: Vec<(i64, Vec<SeccompRule>)>) -> Result<BpfProgram, SeccompError> {
+fn build(
+    kind: ThreadKind,
+    extra: &[i64],
+    rules: Vec<(i64, Vec<SeccompRule>)>,
+) -> Result<BpfProgram, SeccompError> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in COMMON.iter().chain(extra) {
         map.insert(*nr, Vec::new());

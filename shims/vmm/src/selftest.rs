@@ -64,10 +64,17 @@ impl Agent {
         Ok(self.stream.set_read_timeout(Some(t))?)
     }
 
-    fn call(&mut self, call: &'static str, kind: request::Kind) -> Result<response::Kind, SelftestError> {
+    fn call(
+        &mut self,
+        call: &'static str,
+        kind: request::Kind,
+    ) -> Result<response::Kind, SelftestError> {
         let id = self.next_id;
         self.next_id += 1;
-        let req = Request { id, kind: Some(kind) };
+        let req = Request {
+            id,
+            kind: Some(kind),
+        };
         let mut buf = Vec::with_capacity(4 + req.encoded_len());
         buf.extend_from_slice(&(req.encoded_len() as u32).to_be_bytes());
         req.encode(&mut buf).map_err(|e| SelftestError::Call {
@@ -135,7 +142,13 @@ impl Agent {
     }
 
     /// mount(2) in the guest.
-    pub fn mount(&mut self, source: &str, target: &str, fstype: &str, readonly: bool) -> Result<(), SelftestError> {
+    pub fn mount(
+        &mut self,
+        source: &str,
+        target: &str,
+        fstype: &str,
+        readonly: bool,
+    ) -> Result<(), SelftestError> {
         match self.call(
             "mount",
             request::Kind::Mount(MountRequest {
@@ -217,7 +230,13 @@ fn icmp_checksum(data: &[u8]) -> u16 {
 /// `tries` have gone unanswered; returns the round trip.
 pub fn ping(dst: Ipv4Addr, tries: u32) -> Result<Duration, SelftestError> {
     // SAFETY: socket(2) with constant arguments; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error().into());
     }
@@ -285,7 +304,9 @@ pub fn ping(dst: Ipv4Addr, tries: u32) -> Result<Duration, SelftestError> {
             }
         }
     }
-    Err(SelftestError::Check(format!("no ICMP echo reply from {dst} after {tries} tries")))
+    Err(SelftestError::Check(format!(
+        "no ICMP echo reply from {dst} after {tries} tries"
+    )))
 }
 
 /// Gives the host side of `tap` the first address of the guest's subnet and brings it up
@@ -294,7 +315,13 @@ fn configure_host_tap(tap: &str, guest: Ipv4Addr, prefix: u32) -> Result<(), Sel
     let mask = u32::MAX.checked_shl(32 - prefix.min(32)).unwrap_or(0);
     let host = Ipv4Addr::from((u32::from(guest) & mask) + 1);
     for args in [
-        vec!["addr".to_string(), "add".into(), format!("{host}/{prefix}"), "dev".into(), tap.into()],
+        vec![
+            "addr".to_string(),
+            "add".into(),
+            format!("{host}/{prefix}"),
+            "dev".into(),
+            tap.into(),
+        ],
         vec!["link".to_string(), "set".into(), tap.into(), "up".into()],
     ] {
         let out = std::process::Command::new("ip").args(&args).output()?;
@@ -333,7 +360,9 @@ pub fn run(socket: &Path, launched: Instant, checks: &Checks) -> Result<(), Self
     );
     let (code, out) = agent.exec(&["/init", "--version"])?;
     if code != 0 {
-        return Err(SelftestError::Check(format!("exec /init --version exited {code}")));
+        return Err(SelftestError::Check(format!(
+            "exec /init --version exited {code}"
+        )));
     }
     println!("selftest: exec ok {}", String::from_utf8_lossy(&out).trim());
     if let Some(expect) = &checks.blk_expect {

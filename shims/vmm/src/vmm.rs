@@ -10,12 +10,16 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{elf::Elf, elf::PvhBootCapability, load_cmdline, KernelLoader};
 use tracing::{debug, error, info, info_span, warn};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::{cpu, layout, mptable, pvh};
@@ -117,7 +121,9 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::Poweroff => f.write_str("guest powered off"),
             ExitReason::Panic(line) => write!(f, "guest kernel panic: {line}"),
-            ExitReason::TripleFault => f.write_str("guest triple fault (reset without a reboot request)"),
+            ExitReason::TripleFault => {
+                f.write_str("guest triple fault (reset without a reboot request)")
+            }
             ExitReason::VcpuError(e) => write!(f, "vcpu error: {e}"),
         }
     }
@@ -204,7 +210,8 @@ impl Vmm {
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -234,8 +241,15 @@ impl Vmm {
         // Kernel.
         let mut kernel = File::open(&config.kernel)
             .map_err(io_err(format!("open kernel {}", config.kernel.display())))?;
-        let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START)))
-            .map_err(|e| VmmError::Kernel(format!("{} (an ELF vmlinux with a PVH note is needed)", e)))?;
+        let loaded = Elf::load(
+            &mem,
+            None,
+            &mut kernel,
+            Some(GuestAddress(layout::HIMEM_START)),
+        )
+        .map_err(|e| {
+            VmmError::Kernel(format!("{} (an ELF vmlinux with a PVH note is needed)", e))
+        })?;
         let entry = match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => addr,
             _ => {
@@ -250,10 +264,7 @@ impl Vmm {
             Some(path) => {
                 let mut f = File::open(path)
                     .map_err(io_err(format!("open initramfs {}", path.display())))?;
-                let size = f
-                    .metadata()
-                    .map_err(io_err("stat initramfs"))?
-                    .len();
+                let size = f.metadata().map_err(io_err("stat initramfs"))?.len();
                 let addr = (mem_size - size) & !0xfff;
                 if size >= mem_size || addr < loaded.kernel_end {
                     return Err(VmmError::Config(format!(
@@ -288,7 +299,8 @@ impl Vmm {
             file: log,
             tail: console_tail.clone(),
         };
-        let serial: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
+        let serial: Arc<Mutex<dyn BusDevice>> =
+            Arc::new(Mutex::new(SerialDevice::new(serial_irq, sink)));
         io_bus
             .insert(serial, COM1_BASE, UART_PORTS)
             .map_err(|e| VmmError::Device(e.to_string()))?;
@@ -305,7 +317,10 @@ impl Vmm {
             let _ = std::fs::remove_file(path);
             let listener = UnixListener::bind(path)
                 .map_err(io_err(format!("bind agent socket {}", path.display())))?;
-            devices.push(Box::new(Console::new(&config.agent_port_name, Some(listener))));
+            devices.push(Box::new(Console::new(
+                &config.agent_port_name,
+                Some(listener),
+            )));
         }
         for (i, disk) in config.disks.iter().enumerate() {
             let file = std::fs::OpenOptions::new()
@@ -323,12 +338,16 @@ impl Vmm {
                 NetBackend::TapFd(fd) => tap_from_fd(fd),
             }
             .map_err(|e| VmmError::Device(e.to_string()))?;
-            let mac = net.mac.unwrap_or([0x02, 0x15, 0x01, 0x00, 0x00, i as u8 + 1]);
+            let mac = net
+                .mac
+                .unwrap_or([0x02, 0x15, 0x01, 0x00, 0x00, i as u8 + 1]);
             devices.push(Box::new(Net::new(tap, mac)));
         }
         for (i, device) in devices.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
-            let irq = layout::VIRTIO_IRQ_BASE + i as u32 + u32::from(layout::VIRTIO_IRQ_BASE + i as u32 >= 8);
+            let irq = layout::VIRTIO_IRQ_BASE
+                + i as u32
+                + u32::from(layout::VIRTIO_IRQ_BASE + i as u32 >= 8);
             if irq > layout::IRQ_MAX {
                 return Err(VmmError::Config("too many virtio devices".into()));
             }
@@ -338,8 +357,12 @@ impl Vmm {
             let mut queue_events = Vec::new();
             for q in 0..device.queue_max_sizes().len() {
                 let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?;
-                vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q as u32)
-                    .map_err(kvm_err("KVM_IOEVENTFD"))?;
+                vm.register_ioevent(
+                    &evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    q as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD"))?;
                 queue_events.push(evt);
             }
             let registrar = event_loop.registrar_for_next();

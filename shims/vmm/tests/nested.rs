@@ -31,7 +31,11 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
         .arg("8M")
         .output()
         .expect("mkfs.ext4 (e2fsprogs): run shims/vmm/rig/prepare.sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     if std::env::var_os("RIG_STRACE").is_some() {
         rig::copy_program(&l1.root, Path::new("/usr/bin/strace"), "/bin/strace");
@@ -67,7 +71,10 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
     eprintln!("L1 ran {:?}; console:\n{}", run.elapsed, run.console);
 
     assert!(run.console.contains("RIG: kvm ok"), "L1 has no /dev/kvm");
-    assert!(run.console.contains("RIG: done"), "L1 did not finish its script");
+    assert!(
+        run.console.contains("RIG: done"),
+        "L1 did not finish its script"
+    );
 
     let devices = run.output("devices");
     assert_eq!(run.rc("devices"), Some(0), "devices scenario:\n{devices}");

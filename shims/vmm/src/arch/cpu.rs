@@ -64,18 +64,20 @@ pub fn cpuid_for(supported: &CpuId, id: u32, count: u32) -> CpuId {
 /// Boot MSRs (all zero but MISC_ENABLE's fast strings and MTRRs enabled write-back),
 /// keeping only those in KVM's MSR index list.
 pub fn boot_msrs(kvm: &Kvm) -> Result<Vec<kvm_msr_entry>, CpuError> {
-    let supported = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let supported = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let wanted: [(u32, u64); 11] = [
-        (0x174, 0),           // IA32_SYSENTER_CS
-        (0x175, 0),           // IA32_SYSENTER_ESP
-        (0x176, 0),           // IA32_SYSENTER_EIP
-        (0xc000_0081, 0),     // STAR
-        (0xc000_0082, 0),     // LSTAR
-        (0xc000_0083, 0),     // CSTAR
-        (0xc000_0084, 0),     // SYSCALL_MASK
-        (0xc000_0102, 0),     // KERNEL_GS_BASE
-        (0x10, 0),            // TSC
-        (0x1a0, 1),           // MISC_ENABLE: fast strings
+        (0x174, 0),             // IA32_SYSENTER_CS
+        (0x175, 0),             // IA32_SYSENTER_ESP
+        (0x176, 0),             // IA32_SYSENTER_EIP
+        (0xc000_0081, 0),       // STAR
+        (0xc000_0082, 0),       // LSTAR
+        (0xc000_0083, 0),       // CSTAR
+        (0xc000_0084, 0),       // SYSCALL_MASK
+        (0xc000_0102, 0),       // KERNEL_GS_BASE
+        (0x10, 0),              // TSC
+        (0x1a0, 1),             // MISC_ENABLE: fast strings
         (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ];
     Ok(wanted
@@ -168,11 +170,7 @@ pub fn setup_pvh_boot(
 }
 
 /// CPUID, MSRs, FPU and LAPIC of one vCPU (the boot CPU and the application CPUs alike).
-pub fn setup_vcpu(
-    vcpu: &VcpuFd,
-    cpuid: &CpuId,
-    msrs: &[kvm_msr_entry],
-) -> Result<(), CpuError> {
+pub fn setup_vcpu(vcpu: &VcpuFd, cpuid: &CpuId, msrs: &[kvm_msr_entry]) -> Result<(), CpuError> {
     vcpu.set_cpuid2(cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
     let list = Msrs::from_entries(msrs).map_err(|_| CpuError::Msrs {
         set: 0,
@@ -221,7 +219,10 @@ mod tests {
     fn flat_segments() {
         let code = segment(gdt_entry(0xc09b, 0, 0xffff_ffff), 1);
         assert_eq!((code.base, code.limit, code.selector), (0, 0xffff_ffff, 8));
-        assert_eq!((code.type_, code.present, code.db, code.s, code.g), (0xb, 1, 1, 1, 1));
+        assert_eq!(
+            (code.type_, code.present, code.db, code.s, code.g),
+            (0xb, 1, 1, 1, 1)
+        );
         let tss = segment(gdt_entry(0x008b, 0, 0x67), 3);
         assert_eq!((tss.limit, tss.s, tss.g), (0x67, 0, 0));
         let null = segment(0, 0);

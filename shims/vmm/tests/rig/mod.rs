@@ -21,7 +21,11 @@ pub struct Host {
 const PREPARE: &str = "run shims/vmm/rig/prepare.sh (as root)";
 
 fn need(path: &Path, what: &str) {
-    assert!(path.exists(), "{what} missing at {}: {PREPARE}", path.display());
+    assert!(
+        path.exists(),
+        "{what} missing at {}: {PREPARE}",
+        path.display()
+    );
 }
 
 impl Host {
@@ -47,7 +51,10 @@ impl Host {
             .expect("kernel name")
             .to_string();
         let modules = PathBuf::from("/lib/modules").join(&release);
-        need(&modules.join("kernel/arch/x86/kvm/kvm-amd.ko"), "kvm-amd.ko");
+        need(
+            &modules.join("kernel/arch/x86/kvm/kvm-amd.ko"),
+            "kvm-amd.ko",
+        );
         for tool in ["/bin/busybox", "/usr/bin/qemu-system-x86_64"] {
             need(Path::new(tool), tool);
         }
@@ -76,7 +83,8 @@ fn copy(from: &Path, to: &Path) {
     if let Some(p) = to.parent() {
         std::fs::create_dir_all(p).unwrap();
     }
-    std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {} → {}: {e}", from.display(), to.display()));
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("copy {} → {}: {e}", from.display(), to.display()));
 }
 
 /// Copies a dynamically linked program and every library `ldd` names into `root`.
@@ -181,7 +189,10 @@ impl Run {
         let marker = format!("RIG: END {name} rc=");
         self.console
             .lines()
-            .find_map(|l| l.find(&marker).map(|i| l[i + marker.len()..].trim().parse().ok()))
+            .find_map(|l| {
+                l.find(&marker)
+                    .map(|i| l[i + marker.len()..].trim().parse().ok())
+            })
             .flatten()
     }
 
@@ -213,8 +224,16 @@ pub fn boot(host: &Host, initramfs: &Path, dir: &Path, timeout: Duration) -> Run
     let console = dir.join("l1-console.log");
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-M", "q35", "-m", "2048", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-accel", "tcg", "-cpu", "max", "-M", "q35", "-m", "2048", "-smp", "1",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(&host.cloud_kernel)
         .arg("-initrd")

@@ -139,7 +139,11 @@ mod tests {
         assert_eq!(read(&mut rtc, 0x09), 0x26);
         assert_eq!(read(&mut rtc, REG_CENTURY), 0x20);
         assert_eq!(read(&mut rtc, 0x06), 0x07);
-        assert_eq!(read(&mut rtc, REG_A) & 0x80, 0, "update in progress must stay clear");
+        assert_eq!(
+            read(&mut rtc, REG_A) & 0x80,
+            0,
+            "update in progress must stay clear"
+        );
         rtc.write(0, &[REG_A]);
         rtc.write(1, &[0xff]);
         assert_eq!(read(&mut rtc, REG_A) & 0x80, 0);

@@ -11,7 +11,10 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
 use super::queue::{self, Chain, QueueError};
-use super::{read_config_bytes, types, ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use super::{
+    read_config_bytes, types, ActivateError, Activation, Interrupt, VirtioDevice,
+    VIRTIO_MMIO_INT_VRING,
+};
 
 /// VIRTIO_BLK_F_SEG_MAX.
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -96,9 +99,7 @@ impl Block {
         let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
         // The status byte is the last writable byte; data goes before it.
         let data_room = writer.available_bytes() - 1;
-        let mut status_writer = writer
-            .split_at(data_room)
-            .map_err(QueueError::Chain)?;
+        let mut status_writer = writer.split_at(data_room).map_err(QueueError::Chain)?;
         let (status, written) = match kind {
             T_IN => self.read_sectors(sector, data_room, &mut writer),
             T_OUT if self.read_only => (S_IOERR, 0),
@@ -129,14 +130,19 @@ impl Block {
     }
 
     fn check_range(&self, sector: u64, len: usize) -> bool {
-        len as u64 % SECTOR_SIZE == 0
+        (len as u64) & (SECTOR_SIZE - 1) == 0
             && len <= MAX_REQUEST_BYTES
             && sector
                 .checked_add(len as u64 / SECTOR_SIZE)
                 .is_some_and(|end| end <= self.sectors)
     }
 
-    fn read_sectors(&self, sector: u64, len: usize, w: &mut virtio_queue::Writer<'_>) -> (u8, usize) {
+    fn read_sectors(
+        &self,
+        sector: u64,
+        len: usize,
+        w: &mut virtio_queue::Writer<'_>,
+    ) -> (u8, usize) {
         if !self.check_range(sector, len) {
             warn!(sector, len, sectors = self.sectors, "read outside the disk");
             return (S_IOERR, 0);
@@ -155,7 +161,12 @@ impl Block {
     fn write_sectors(&self, sector: u64, r: &mut virtio_queue::Reader<'_>) -> (u8, usize) {
         let len = r.available_bytes();
         if !self.check_range(sector, len) {
-            warn!(sector, len, sectors = self.sectors, "write outside the disk");
+            warn!(
+                sector,
+                len,
+                sectors = self.sectors,
+                "write outside the disk"
+            );
             return (S_IOERR, 0);
         }
         let mut buf = vec![0u8; len];
@@ -208,9 +219,7 @@ impl VirtioDevice for Block {
         &[QUEUE_SIZE]
     }
     fn features(&self) -> u64 {
-        VIRTIO_BLK_F_SEG_MAX
-            | VIRTIO_BLK_F_FLUSH
-            | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
+        VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH | if self.read_only { VIRTIO_BLK_F_RO } else { 0 }
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 16];
@@ -267,7 +276,11 @@ mod tests {
         let mut data = vec![0u8; 8 * 512];
         data[512..517].copy_from_slice(b"disk!");
         img.write_all(&data).unwrap();
-        let file = std::fs::OpenOptions::new().read(true).write(!read_only).open(img.path()).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(img.path())
+            .unwrap();
         let mut dev = Block::new(file, read_only, "isola-test").unwrap();
         let tq = TestQueue::new(&m, 0x1000);
         dev.activate(Activation {

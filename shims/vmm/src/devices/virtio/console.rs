@@ -18,8 +18,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::queue::{self, QueueError};
 use super::{
-    read_config_bytes, types, ActivateError, Activation, EventRegistrar, Interrupt,
-    VirtioDevice, VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, types, ActivateError, Activation, EventRegistrar, Interrupt, VirtioDevice,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 /// VIRTIO_CONSOLE_F_MULTIPORT.
@@ -419,7 +419,8 @@ impl Console {
             // A new client replaces the old one.
             self.drop_conn();
             if let Some(active) = self.active.as_ref() {
-                let events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+                let events =
+                    (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
                 if let Err(e) = active.registrar.add(conn.as_raw_fd(), SUB_CONN, events) {
                     warn!(%e, "watching the agent channel client");
                     continue;
@@ -581,7 +582,9 @@ mod tests {
         let mut dev = Console::with_stream("isola.agent", vmm_end);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
         // Six queues, each in its own 64 KiB slot.
-        let mocks: Vec<TestQueue> = (0..6).map(|i| TestQueue::new(&m, 0x1_0000 * (i + 1))).collect();
+        let mocks: Vec<TestQueue> = (0..6)
+            .map(|i| TestQueue::new(&m, 0x1_0000 * (i + 1)))
+            .collect();
         let queues = mocks.iter().map(|q| queue_at(&m, q)).collect();
         dev.activate(Activation {
             mem: m.clone(),
@@ -595,22 +598,61 @@ mod tests {
         // The guest posts control rx buffers, then DEVICE_READY.
         let ctrl_rx = MockSplitQueue::create(&m, GuestAddress(mocks[CTRL_RX].base), 16);
         ctrl_rx
-            .add_desc_chains(&[desc(0x8_0000, 64, true), desc(0x8_1000, 64, true), desc(0x8_2000, 64, true)], 0)
+            .add_desc_chains(
+                &[
+                    desc(0x8_0000, 64, true),
+                    desc(0x8_1000, 64, true),
+                    desc(0x8_2000, 64, true),
+                ],
+                0,
+            )
             .unwrap();
         let ctrl_tx = MockSplitQueue::create(&m, GuestAddress(mocks[CTRL_TX].base), 16);
-        m.write_slice(&Control { id: 0, event: DEVICE_READY, value: 1 }.to_bytes(), GuestAddress(0x9_0000)).unwrap();
-        ctrl_tx.add_desc_chains(&[desc(0x9_0000, 8, false)], 0).unwrap();
+        m.write_slice(
+            &Control {
+                id: 0,
+                event: DEVICE_READY,
+                value: 1,
+            }
+            .to_bytes(),
+            GuestAddress(0x9_0000),
+        )
+        .unwrap();
+        ctrl_tx
+            .add_desc_chains(&[desc(0x9_0000, 8, false)], 0)
+            .unwrap();
         dev.queue_notify(CTRL_TX);
         let add: [u8; 8] = m.read_obj(GuestAddress(0x8_0000)).unwrap();
-        assert_eq!(Control::from_bytes(add), Control { id: 1, event: DEVICE_ADD, value: 1 });
+        assert_eq!(
+            Control::from_bytes(add),
+            Control {
+                id: 1,
+                event: DEVICE_ADD,
+                value: 1
+            }
+        );
 
         // PORT_READY → PORT_NAME "isola.agent", then PORT_OPEN (host side connected).
-        m.write_slice(&Control { id: 1, event: PORT_READY, value: 1 }.to_bytes(), GuestAddress(0x9_1000)).unwrap();
-        ctrl_tx.add_desc_chains(&[desc(0x9_1000, 8, false)], 1).unwrap();
+        m.write_slice(
+            &Control {
+                id: 1,
+                event: PORT_READY,
+                value: 1,
+            }
+            .to_bytes(),
+            GuestAddress(0x9_1000),
+        )
+        .unwrap();
+        ctrl_tx
+            .add_desc_chains(&[desc(0x9_1000, 8, false)], 1)
+            .unwrap();
         dev.queue_notify(CTRL_TX);
         let mut name = [0u8; 19];
         m.read_slice(&mut name, GuestAddress(0x8_1000)).unwrap();
-        assert_eq!(Control::from_bytes(name[..8].try_into().unwrap()).event, PORT_NAME);
+        assert_eq!(
+            Control::from_bytes(name[..8].try_into().unwrap()).event,
+            PORT_NAME
+        );
         assert_eq!(&name[8..], b"isola.agent");
         let open: [u8; 8] = m.read_obj(GuestAddress(0x8_2000)).unwrap();
         assert_eq!(Control::from_bytes(open).event, PORT_OPEN);
@@ -620,11 +662,28 @@ mod tests {
         let mut host = host;
         host.write_all(b"hello").unwrap();
         let port_rx = MockSplitQueue::create(&m, GuestAddress(mocks[PORT_RX].base), 16);
-        port_rx.add_desc_chains(&[desc(0xa_0000, 4, true), desc(0xa_1000, 64, true)], 0).unwrap();
+        port_rx
+            .add_desc_chains(&[desc(0xa_0000, 4, true), desc(0xa_1000, 64, true)], 0)
+            .unwrap();
         dev.backend_event(SUB_CONN, libc::EPOLLIN as u32);
-        assert_eq!(port_rx.used().idx().load(), 0, "nothing delivered before the guest opens");
-        m.write_slice(&Control { id: 1, event: PORT_OPEN, value: 1 }.to_bytes(), GuestAddress(0x9_2000)).unwrap();
-        ctrl_tx.add_desc_chains(&[desc(0x9_2000, 8, false)], 2).unwrap();
+        assert_eq!(
+            port_rx.used().idx().load(),
+            0,
+            "nothing delivered before the guest opens"
+        );
+        m.write_slice(
+            &Control {
+                id: 1,
+                event: PORT_OPEN,
+                value: 1,
+            }
+            .to_bytes(),
+            GuestAddress(0x9_2000),
+        )
+        .unwrap();
+        ctrl_tx
+            .add_desc_chains(&[desc(0x9_2000, 8, false)], 2)
+            .unwrap();
         dev.queue_notify(CTRL_TX);
         assert!(dev.guest_open());
         // Opening the port delivers what waited, with no further notify.
@@ -637,7 +696,9 @@ mod tests {
         // Guest output reaches the host.
         let port_tx = MockSplitQueue::create(&m, GuestAddress(mocks[PORT_TX].base), 16);
         m.write_slice(b"world", GuestAddress(0xb_0000)).unwrap();
-        port_tx.add_desc_chains(&[desc(0xb_0000, 5, false)], 0).unwrap();
+        port_tx
+            .add_desc_chains(&[desc(0xb_0000, 5, false)], 0)
+            .unwrap();
         dev.queue_notify(PORT_TX);
         let mut out = [0u8; 5];
         host.read_exact(&mut out).unwrap();
@@ -650,7 +711,9 @@ mod tests {
         let (_host, vmm_end) = UnixStream::pair().unwrap();
         let mut dev = Console::with_stream("isola.agent", vmm_end);
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let mocks: Vec<TestQueue> = (0..6).map(|i| TestQueue::new(&m, 0x1_0000 * (i + 1))).collect();
+        let mocks: Vec<TestQueue> = (0..6)
+            .map(|i| TestQueue::new(&m, 0x1_0000 * (i + 1)))
+            .collect();
         let queues = mocks.iter().map(|q| queue_at(&m, q)).collect();
         dev.activate(Activation {
             mem: m.clone(),
@@ -664,11 +727,24 @@ mod tests {
         // Outside guest memory, then too short, then a good one.
         ctrl_tx
             .add_desc_chains(
-                &[desc(0xffff_0000, 8, false), desc(0x9_0000, 2, false), desc(0x9_1000, 8, false)],
+                &[
+                    desc(0xffff_0000, 8, false),
+                    desc(0x9_0000, 2, false),
+                    desc(0x9_1000, 8, false),
+                ],
                 0,
             )
             .unwrap();
-        m.write_slice(&Control { id: 0, event: DEVICE_READY, value: 1 }.to_bytes(), GuestAddress(0x9_1000)).unwrap();
+        m.write_slice(
+            &Control {
+                id: 0,
+                event: DEVICE_READY,
+                value: 1,
+            }
+            .to_bytes(),
+            GuestAddress(0x9_1000),
+        )
+        .unwrap();
         dev.queue_notify(CTRL_TX);
         assert_eq!(ctrl_tx.used().idx().load(), 3, "every chain is returned");
         assert_eq!(dev.ctrl_out.len(), 1, "the good message was handled");

@@ -200,7 +200,11 @@ impl MmioTransport {
         }
         for (i, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                warn!(device = self.device.device_type(), queue = i, "invalid queue set-up");
+                warn!(
+                    device = self.device.device_type(),
+                    queue = i,
+                    "invalid queue set-up"
+                );
                 self.status |= STATUS_FAILED;
                 return;
             }
@@ -216,7 +220,10 @@ impl MmioTransport {
         match self.device.activate(activation) {
             Ok(()) => {
                 self.activated = true;
-                info!(device = self.device.device_type(), "virtio device activated");
+                info!(
+                    device = self.device.device_type(),
+                    "virtio device activated"
+                );
             }
             Err(e) => {
                 warn!(device = self.device.device_type(), %e, "activation failed");
@@ -323,8 +330,12 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - REG_CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
-            warn!(offset, len = data.len(), "unaligned virtio-mmio register read");
+        if data.len() != 4 || offset & 3 != 0 {
+            warn!(
+                offset,
+                len = data.len(),
+                "unaligned virtio-mmio register read"
+            );
             data.fill(0);
             return;
         }
@@ -338,10 +349,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(offset, len = data.len(), "virtio-mmio register write not 32-bit");
+            warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio register write not 32-bit"
+            );
             return;
         };
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             warn!(offset, "unaligned virtio-mmio register write");
             return;
         }
@@ -410,7 +425,12 @@ pub(crate) mod tests {
         let irq = Arc::new(Interrupt::new(
             vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         ));
-        MmioTransport::new(Box::new(probe), mem, irq, Box::new(|| Box::new(NullRegistrar)))
+        MmioTransport::new(
+            Box::new(probe),
+            mem,
+            irq,
+            Box::new(|| Box::new(NullRegistrar)),
+        )
     }
 
     #[test]
@@ -429,7 +449,11 @@ pub(crate) mod tests {
         w(&mut t, REG_DRIVER_FEATURES, 1);
         w(&mut t, REG_DRIVER_FEATURES_SEL, 0);
         w(&mut t, REG_DRIVER_FEATURES, 2);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_ne!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
         for (sel, base) in [(0u32, 0x1000u32), (1, 0x4000)] {
             w(&mut t, REG_QUEUE_SEL, sel);
@@ -449,7 +473,10 @@ pub(crate) mod tests {
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
         assert!(t.is_activated());
-        assert_eq!(*activated.lock().unwrap(), Some((2, VIRTIO_F_VERSION_1 | 2)));
+        assert_eq!(
+            *activated.lock().unwrap(),
+            Some((2, VIRTIO_F_VERSION_1 | 2))
+        );
         w(&mut t, REG_QUEUE_NOTIFY, 1);
         assert_eq!(*notified.lock().unwrap(), vec![1]);
         let mut cfg = [0u8; 4];
@@ -466,12 +493,20 @@ pub(crate) mod tests {
         // Features we never offered.
         w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(&mut t, REG_DRIVER_FEATURES, 1 << 20);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
         w(&mut t, REG_STATUS, 0);
         // A queue outside guest memory.
         w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         w(&mut t, REG_QUEUE_SEL, 0);
         w(&mut t, REG_QUEUE_NUM, 16);
         w(&mut t, REG_QUEUE_DESC_LOW, 0xffff_0000);

@@ -13,8 +13,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::queue::{self, QueueError};
 use super::{
-    read_config_bytes, types, ActivateError, Activation, EventRegistrar, Interrupt,
-    VirtioDevice, VIRTIO_MMIO_INT_VRING,
+    read_config_bytes, types, ActivateError, Activation, EventRegistrar, Interrupt, VirtioDevice,
+    VIRTIO_MMIO_INT_VRING,
 };
 
 /// VIRTIO_NET_F_MAC.
@@ -242,7 +242,11 @@ impl<T: Read + Write + AsRawFd + Send> Net<T> {
                         written = frame.len() as u32;
                     }
                 }
-                Ok(w) => warn!(frame = frame.len(), room = w.available_bytes(), "rx frame too large for the buffer: dropped"),
+                Ok(w) => warn!(
+                    frame = frame.len(),
+                    room = w.available_bytes(),
+                    "rx frame too large for the buffer: dropped"
+                ),
                 Err(e) => warn!(%e, "bad net rx chain"),
             }
             self.pending_rx.pop_front();
@@ -367,7 +371,12 @@ mod tests {
     }
 
     fn d(addr: u64, len: u32, write: bool) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, if write { 2 } else { 0 }, 0))
+        RawDescriptor::from(SplitDescriptor::new(
+            addr,
+            len,
+            if write { 2 } else { 0 },
+            0,
+        ))
     }
 
     #[test]
@@ -394,7 +403,14 @@ mod tests {
         let mut frame = vec![0u8; VNET_HDR_LEN];
         frame.extend_from_slice(b"an ethernet frame");
         m.write_slice(&frame, GuestAddress(0x4_0000)).unwrap();
-        tx.add_desc_chains(&[d(0x4_0000, frame.len() as u32, false), d(0x4_1000, 4, false)], 0).unwrap();
+        tx.add_desc_chains(
+            &[
+                d(0x4_0000, frame.len() as u32, false),
+                d(0x4_1000, 4, false),
+            ],
+            0,
+        )
+        .unwrap();
         dev.queue_notify(TX);
         let mut got = [0u8; 64];
         let n = host.recv(&mut got).unwrap();
@@ -404,10 +420,11 @@ mod tests {
         // Host → guest: waits for buffers, then fills them; a frame larger than the
         // buffer is dropped.
         host.send(&frame).unwrap();
-        host.send(&vec![1u8; 200]).unwrap();
+        host.send(&[1u8; 200]).unwrap();
         dev.backend_event(SUB_TAP, libc::EPOLLIN as u32);
         let rx = MockSplitQueue::create(&m, GuestAddress(rxq.base), 16);
-        rx.add_desc_chains(&[d(0x5_0000, 100, true), d(0x6_0000, 100, true)], 0).unwrap();
+        rx.add_desc_chains(&[d(0x5_0000, 100, true), d(0x6_0000, 100, true)], 0)
+            .unwrap();
         dev.queue_notify(RX);
         assert_eq!(rx.used().idx().load(), 2);
         let mut first = vec![0u8; frame.len()];
@@ -419,7 +436,10 @@ mod tests {
 
     #[test]
     fn parses_macs() {
-        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff"), Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]));
+        assert_eq!(
+            parse_mac("aa:bb:cc:dd:ee:ff"),
+            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
+        );
         assert_eq!(parse_mac("aa:bb:cc:dd:ee"), None);
         assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
         assert_eq!(parse_mac("zz:bb:cc:dd:ee:ff"), None);

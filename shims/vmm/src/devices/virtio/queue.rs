@@ -25,7 +25,10 @@ pub enum QueueError {
 }
 
 /// Pops the next available chain; `Ok(None)` when the ring is empty.
-pub fn pop<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Result<Option<Chain<'a>>, QueueError> {
+pub fn pop<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<Chain<'a>>, QueueError> {
     if !queue.ready() {
         return Ok(None);
     }
