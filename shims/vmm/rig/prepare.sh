@@ -18,6 +18,6 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
 fi
 guest="${ISOLA_GUEST_OUT:-/usr/share/isola/guest}"
-if [[ ! -f "$guest/vmlinux" || ! -f "$guest/initramfs.cpio" ]]; then
+if [[ ! -f "$guest/vmlinux" || ! -f "$guest/initramfs.cpio" ]] || ! command -v virtiofsd >/dev/null && [[ ! -x /usr/local/bin/virtiofsd ]]; then
     "$repo/deploy/guest/build-assets.sh"
 fi

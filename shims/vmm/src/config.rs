@@ -30,6 +30,15 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-fs share served by a vhost-user backend (virtiofsd).
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// The mount tag the guest uses.
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+}
+
 /// Everything the VMM needs to boot one VM.
 #[derive(Debug)]
 pub struct VmmConfig {
@@ -53,6 +62,8 @@ pub struct VmmConfig {
     pub nets: Vec<NetConfig>,
     /// virtio-blk devices, /dev/vda first.
     pub disks: Vec<DiskConfig>,
+    /// virtio-fs shares (guest RAM is then a shared memfd, which virtiofsd maps).
+    pub shares: Vec<FsConfig>,
     /// Apply the seccomp allow-lists once set-up is done.
     pub seccomp: bool,
 }
@@ -79,6 +90,7 @@ impl VmmConfig {
             agent_port_name: AGENT_PORT_NAME.into(),
             nets: Vec::new(),
             disks: Vec::new(),
+            shares: Vec::new(),
             seccomp: true,
         }
     }

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod event_loop;
 pub mod seccomp;
 pub mod selftest;
+pub mod virtiofsd;
 pub mod vmm;
 
 pub use config::VmmConfig;

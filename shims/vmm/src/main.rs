@@ -3,12 +3,12 @@
 //! the self-test fails).
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use isola_vmm::config::{DiskConfig, NetBackend, NetConfig};
+use isola_vmm::config::{DiskConfig, FsConfig, NetBackend, NetConfig};
 use isola_vmm::devices::virtio::net::{owned_fd, parse_mac};
 use isola_vmm::selftest::{self, Checks};
 use isola_vmm::{ExitReason, Vmm, VmmConfig};
@@ -52,6 +52,12 @@ struct Args {
     /// virtio-blk on a raw image: PATH or PATH,ro; repeatable.
     #[arg(long)]
     blk: Vec<String>,
+    /// virtio-fs on a running virtiofsd: TAG=SOCKET; repeatable.
+    #[arg(long)]
+    vhost_user_fs: Vec<String>,
+    /// virtio-fs sharing a directory through a virtiofsd we start: TAG=DIR; repeatable.
+    #[arg(long)]
+    fs: Vec<String>,
     /// Run without the seccomp filters.
     #[arg(long)]
     no_seccomp: bool,
@@ -70,7 +76,7 @@ struct Args {
     selftest_fs: Option<String>,
 }
 
-fn config(args: &Args) -> anyhow::Result<VmmConfig> {
+fn config(args: &Args, helpers: &mut Vec<std::process::Child>) -> anyhow::Result<VmmConfig> {
     let mut c = VmmConfig::new(args.kernel.clone());
     c.initramfs = args.initramfs.clone();
     c.cmdline = args.cmdline.clone();
@@ -106,6 +112,27 @@ fn config(args: &Args) -> anyhow::Result<VmmConfig> {
         c.disks.push(DiskConfig {
             path: path.into(),
             read_only,
+        });
+    }
+    for spec in &args.vhost_user_fs {
+        let (tag, socket) = spec
+            .split_once('=')
+            .context("--vhost-user-fs wants TAG=SOCKET")?;
+        c.shares.push(FsConfig {
+            tag: tag.into(),
+            socket: socket.into(),
+        });
+    }
+    for (i, spec) in args.fs.iter().enumerate() {
+        let (tag, dir) = spec.split_once('=').context("--fs wants TAG=DIR")?;
+        let socket =
+            std::env::temp_dir().join(format!("isola-vmm-{}-fs{i}.sock", std::process::id()));
+        let child = isola_vmm::virtiofsd::spawn(&socket, Path::new(dir))
+            .with_context(|| format!("virtio-fs share {tag}"))?;
+        helpers.push(child);
+        c.shares.push(FsConfig {
+            tag: tag.into(),
+            socket,
         });
     }
     Ok(c)
@@ -156,7 +183,8 @@ fn main() {
 }
 
 fn run(args: &Args, launched: Instant) -> anyhow::Result<i32> {
-    let config = config(args)?;
+    let mut helpers = Vec::new();
+    let config = config(args, &mut helpers)?;
     let checks = checks(args)?;
     if args.selftest && args.agent_socket.is_none() {
         bail!("--selftest needs --agent-socket");

@@ -36,6 +36,10 @@ pub enum ThreadKind {
 /// Compiled filters for every thread kind.
 #[derive(Debug, Clone)]
 pub struct Filters {
+    /// Stacked on every thread's list: open/openat fail with EACCES instead of trapping.
+    /// glibc's malloc opens /proc/sys/vm/overcommit_memory the first time a thread arena
+    /// shrinks and copes with the failure; nothing of ours opens files after set-up.
+    pub deny_open: Arc<BpfProgram>,
     /// For vCPU threads.
     pub vcpu: Arc<BpfProgram>,
     /// For the event loop.
@@ -51,8 +55,10 @@ const KVM_RUN: u64 = 0xae80;
 /// clocks, logging to stderr and the log file, and exit.
 const COMMON: &[i64] = &[
     // Device activation runs on the vCPU that writes DRIVER_OK: it registers the device's
-    // backend fds with the event loop.
+    // backend fds with the event loop, and virtio-fs sends its vhost-user set-up.
     libc::SYS_epoll_ctl,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -146,7 +152,19 @@ pub fn filters() -> Result<Filters, SeccompError> {
         .map_err(|e| SeccompError::Build(kind, e.to_string()))?])
         .map_err(|e| SeccompError::Build(kind, e.to_string()))
     };
+    let deny_open = SeccompFilter::new(
+        [(libc::SYS_open, Vec::new()), (libc::SYS_openat, Vec::new())]
+            .into_iter()
+            .collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| SeccompError::Build(ThreadKind::Main, e.to_string()))?
+    .try_into()
+    .map_err(|e: seccompiler::BackendError| SeccompError::Build(ThreadKind::Main, e.to_string()))?;
     Ok(Filters {
+        deny_open: Arc::new(deny_open),
         vcpu: Arc::new(build(
             ThreadKind::Vcpu,
             &[],
@@ -217,6 +235,17 @@ thread_local! {
     static THREAD_KIND: std::cell::Cell<u8> = const { std::cell::Cell::new(b'?') };
 }
 
+/// Installs `filter` and the open-denying filter on the calling thread (other threads
+/// keep theirs).
+pub fn apply_with_deny_open(
+    kind: ThreadKind,
+    filter: &BpfProgram,
+    deny_open: &BpfProgram,
+) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(deny_open).map_err(|e| SeccompError::Apply(kind, e.to_string()))?;
+    apply(kind, filter)
+}
+
 /// Installs `filter` on the calling thread (other threads keep theirs).
 pub fn apply(kind: ThreadKind, filter: &BpfProgram) -> Result<(), SeccompError> {
     THREAD_KIND.with(|k| {
@@ -249,7 +278,19 @@ mod tests {
         if pid == 0 {
             let f = filters().map(|f| f.main);
             if let Ok(main) = f {
-                if install_sigsys_handler().is_ok() && apply(ThreadKind::Main, &main).is_ok() {
+                let deny = filters().map(|f| f.deny_open);
+                if install_sigsys_handler().is_ok()
+                    && deny.is_ok_and(|d| apply_with_deny_open(ThreadKind::Main, &main, &d).is_ok())
+                {
+                    // Opening a file fails with EACCES instead of killing.
+                    // SAFETY: open with a NUL-terminated path; the result is only compared.
+                    let fd = unsafe { libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY) };
+                    if fd >= 0
+                        || std::io::Error::last_os_error().raw_os_error() != Some(libc::EACCES)
+                    {
+                        // SAFETY: _exit never returns.
+                        unsafe { libc::_exit(3) };
+                    }
                     // Allowed: getpid. Forbidden: socket.
                     // SAFETY: plain syscalls with no pointers.
                     unsafe {

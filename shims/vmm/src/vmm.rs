@@ -29,6 +29,7 @@ use crate::devices::legacy::rtc::{Rtc, RTC_BASE, RTC_PORTS};
 use crate::devices::legacy::serial::{SerialDevice, COM1_BASE, UART_PORTS};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::console::Console;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::{open_tap, tap_from_fd, Net};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
@@ -219,8 +220,7 @@ impl Vmm {
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mem_size = u64::from(config.mem_mib) << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
+        let mem = guest_memory(mem_size, !config.shares.is_empty())?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -343,7 +343,12 @@ impl Vmm {
                 .unwrap_or([0x02, 0x15, 0x01, 0x00, 0x00, i as u8 + 1]);
             devices.push(Box::new(Net::new(tap, mac)));
         }
-        for (i, device) in devices.into_iter().enumerate() {
+        for share in &config.shares {
+            let fs = Fs::connect(&share.tag, &share.socket)
+                .map_err(|e| VmmError::Device(e.to_string()))?;
+            devices.push(Box::new(fs));
+        }
+        for (i, mut device) in devices.into_iter().enumerate() {
             let base = layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE;
             let irq = layout::VIRTIO_IRQ_BASE
                 + i as u32
@@ -364,6 +369,15 @@ impl Vmm {
                 )
                 .map_err(kvm_err("KVM_IOEVENTFD"))?;
                 queue_events.push(evt);
+            }
+            let clones = queue_events
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(io_err("dup eventfd"))?;
+            if device.wants_queue_events(clones) {
+                // Kicks go to the outside backend, not to our loop.
+                queue_events.clear();
             }
             let registrar = event_loop.registrar_for_next();
             let transport = Arc::new(Mutex::new(MmioTransport::new(
@@ -439,12 +453,15 @@ impl Vmm {
             None
         };
         let el = self.event_loop.clone();
-        let el_filter = filters.as_ref().map(|f| f.event_loop.clone());
+        let el_filter = filters
+            .as_ref()
+            .map(|f| (f.event_loop.clone(), f.deny_open.clone()));
         std::thread::Builder::new()
             .name("isola-vmm-events".into())
             .spawn(move || {
-                if let Some(f) = el_filter {
-                    if let Err(e) = seccomp::apply(ThreadKind::EventLoop, &f) {
+                if let Some((f, deny)) = el_filter {
+                    if let Err(e) = seccomp::apply_with_deny_open(ThreadKind::EventLoop, &f, &deny)
+                    {
                         error!(%e, "event loop seccomp");
                         std::process::abort();
                     }
@@ -458,12 +475,14 @@ impl Vmm {
             let tx = tx.clone();
             let io = self.io_bus.clone();
             let mmio = self.mmio_bus.clone();
-            let filter = filters.as_ref().map(|f| f.vcpu.clone());
+            let filter = filters
+                .as_ref()
+                .map(|f| (f.vcpu.clone(), f.deny_open.clone()));
             std::thread::Builder::new()
                 .name(format!("isola-vcpu{id}"))
                 .spawn(move || {
-                    if let Some(f) = filter {
-                        if let Err(e) = seccomp::apply(ThreadKind::Vcpu, &f) {
+                    if let Some((f, deny)) = filter {
+                        if let Err(e) = seccomp::apply_with_deny_open(ThreadKind::Vcpu, &f, &deny) {
                             let _ = tx.send(ExitReason::VcpuError(format!("seccomp: {e}")));
                             return;
                         }
@@ -475,7 +494,7 @@ impl Vmm {
         }
         drop(tx);
         if let Some(f) = &filters {
-            seccomp::apply(ThreadKind::Main, &f.main)?;
+            seccomp::apply_with_deny_open(ThreadKind::Main, &f.main, &f.deny_open)?;
         }
         let reason = rx
             .recv()
@@ -492,6 +511,29 @@ impl Vmm {
         info!(%reason, "vm ended");
         Ok(reason)
     }
+}
+
+/// Guest RAM: anonymous memory, or a shared memfd when a vhost-user backend must map it.
+fn guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, VmmError> {
+    let file = if shared {
+        // SAFETY: memfd_create with a NUL-terminated name and flags; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"isola-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VmmError::Memory(format!(
+                "memfd_create: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: fd is fresh and owned by nothing else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|e| VmmError::Memory(format!("sizing the memfd: {e}")))?;
+        Some(vm_memory::FileOffset::new(file, 0))
+    } else {
+        None
+    };
+    GuestMemoryMmap::<()>::from_ranges_with_files([(GuestAddress(0), size as usize, file)])
+        .map_err(|e| VmmError::Memory(e.to_string()))
 }
 
 fn run_vcpu(id: usize, mut vcpu: VcpuFd, io: &Bus, mmio: &Bus) -> ExitReason {

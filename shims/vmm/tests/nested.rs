@@ -1,5 +1,6 @@
 //! Boots the isola guest with `isola-vmm` on a real /dev/kvm inside the nested rig
-//! ([`rig`]): agent hello and exec, a virtio-blk disk, virtio-net on a TAP, guest poweroff
+//! ([`rig`]): agent hello and exec, a virtio-blk disk, virtio-net on a TAP, a virtio-fs
+//! share through virtiofsd, guest poweroff
 //! (exit 0) and a guest panic (exit 2 naming the panic).
 //!
 //! Needs root, QEMU, Debian's cloud kernel, busybox-static and the guest assets: run
@@ -37,13 +38,13 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    if std::env::var_os("RIG_STRACE").is_some() {
+    // RIG_STRACE=1 runs the devices scenario under strace (debugging seccomp lists).
+    let strace = if std::env::var_os("RIG_STRACE").is_some() {
         rig::copy_program(&l1.root, Path::new("/usr/bin/strace"), "/bin/strace");
-        l1.scenario(
-            "strace",
-            &format!("strace -f -e trace=fcntl,ioctl {L2} --cmdline 'console=ttyS0 quiet reboot=t panic=-1 rdinit=/nonexistent init=/nonexistent' 2>&1 | tail -n 30"),
-        );
-    }
+        "strace -f -o /tmp/strace.log -e trace=openat,open "
+    } else {
+        ""
+    };
     l1.scenario(
         "boot",
         &format!(
@@ -54,9 +55,23 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
     l1.scenario(
         "devices",
         &format!(
-            "{L2} --vcpus 2 --serial-log /tmp/l2-devices.log --agent-socket /tmp/agent.sock \
+            "{strace}{L2} --vcpus 2 --serial-log /tmp/l2-devices.log --agent-socket /tmp/agent.sock \
              --blk /l2/disk.img,ro --tap tap0 --selftest --selftest-blk 'from the disk' \
-             --selftest-net 10.0.2.2/24; rc=$?; tail -n 5 /tmp/l2-devices.log; exit $rc"
+             --selftest-net 10.0.2.2/24; rc=$?; tail -n 5 /tmp/l2-devices.log; \
+             [ -f /tmp/strace.log ] && grep -v ENOENT /tmp/strace.log | tail -n 20; exit $rc"
+        ),
+    );
+    // virtio-fs through virtiofsd (vhost-user), started by isola-vmm for --fs.
+    let virtiofsd = rig::virtiofsd();
+    rig::copy_program(&l1.root, &virtiofsd, "/bin/virtiofsd");
+    std::fs::create_dir_all(l1.root.join("share")).unwrap();
+    std::fs::write(l1.root.join("share/hello.txt"), "from the share\n").unwrap();
+    l1.scenario(
+        "fs",
+        &format!(
+            "ISOLA_VIRTIOFSD_SANDBOX=chroot {L2} --serial-log /tmp/l2-fs.log \
+             --agent-socket /tmp/fs.sock --fs share=/share --selftest \
+             --selftest-fs 'share=from the share'; rc=$?; tail -n 5 /tmp/l2-fs.log; exit $rc"
         ),
     );
     l1.scenario(
@@ -89,6 +104,10 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
     ] {
         assert!(devices.contains(line), "no {line:?} in:\n{devices}");
     }
+
+    let fs = run.output("fs");
+    assert_eq!(run.rc("fs"), Some(0), "fs scenario:\n{fs}");
+    assert!(fs.contains("selftest: fs ok"), "{fs}");
 
     let panic = run.output("panic");
     assert_eq!(run.rc("panic"), Some(2), "panic scenario:\n{panic}");

@@ -73,6 +73,17 @@ impl Host {
     }
 }
 
+/// The virtiofsd binary (`$ISOLA_VIRTIOFSD`, PATH, /usr/local/bin); fails if missing.
+pub fn virtiofsd() -> PathBuf {
+    let p = isola_vmm::virtiofsd::binary();
+    assert!(
+        p.is_file(),
+        "virtiofsd missing at {}: {PREPARE}",
+        p.display()
+    );
+    p
+}
+
 /// The L1 root being assembled.
 pub struct L1 {
     pub root: PathBuf,

@@ -7,6 +7,7 @@
 
 pub mod block;
 pub mod console;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;
@@ -129,6 +130,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver notified queue `index`.
     fn queue_notify(&mut self, index: usize);
+    /// Offered the queues' ioeventfds: a device that hands them to an outside backend
+    /// (vhost-user) keeps them and returns true; the event loop then leaves them alone.
+    fn wants_queue_events(&mut self, _events: Vec<EventFd>) -> bool {
+        false
+    }
     /// A backend fd registered under `sub` is ready with `events`.
     fn backend_event(&mut self, _sub: u32, _events: u32) {}
     /// The driver reset the device: stop using the queues.

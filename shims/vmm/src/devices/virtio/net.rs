@@ -145,6 +145,7 @@ pub struct Net<T: Read + Write + AsRawFd + Send> {
     mac: [u8; 6],
     active: Option<Active>,
     pending_rx: VecDeque<Vec<u8>>,
+    scratch: Box<[u8]>,
 }
 
 impl<T: Read + Write + AsRawFd + Send> std::fmt::Debug for Net<T> {
@@ -171,6 +172,7 @@ impl<T: Read + Write + AsRawFd + Send> Net<T> {
             mac,
             active: None,
             pending_rx: VecDeque::new(),
+            scratch: vec![0u8; MAX_FRAME].into_boxed_slice(),
         }
     }
 
@@ -206,13 +208,9 @@ impl<T: Read + Write + AsRawFd + Send> Net<T> {
 
     fn read_tap(&mut self) {
         while self.pending_rx.len() < MAX_PENDING_RX {
-            let mut buf = vec![0u8; MAX_FRAME];
-            match self.tap.read(&mut buf) {
+            match self.tap.read(&mut self.scratch) {
                 Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    self.pending_rx.push_back(buf);
-                }
+                Ok(n) => self.pending_rx.push_back(self.scratch[..n].to_vec()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if e.kind() != std::io::ErrorKind::WouldBlock {
