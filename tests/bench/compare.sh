@@ -16,6 +16,9 @@
 #   ISOLA_CLASSES a directory of extra runtime classes for isolad (default: none, the
 #                embedded native and vm classes only)
 #   IDLE_SETTLE  seconds between the last idle pod's start and the measurement (default 10)
+#   BENCH_ARGS   further isola-bench options for every run (e.g. --idle-exec 'free -m')
+#   OUT          a directory to keep each run's JSON (per-process figures of every pod) and
+#                the daemons' logs in
 #
 # Native pods (isola and containerd) run in the host network namespace (no CNI on either
 # side); vm pods cannot share the host's network namespace, so they get one of their own
@@ -27,6 +30,7 @@ n="${1:-5}"
 k="${2:-5}"
 settle="${IDLE_SETTLE:-10}"
 runtimes="${RUNTIMES:-native vm containerd}"
+eval "extra=(${BENCH_ARGS:-})" # shell words, quotes allowed
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
 reg=127.0.0.1:5077
@@ -65,6 +69,7 @@ cleanup() {
     done
     for p in "${pids[@]}" "${left[@]}"; do kill "$p" 2>/dev/null || true; done
     sleep 2
+    [[ -z "${OUT:-}" ]] || cp "$tmp"/*.log "$OUT/" 2>/dev/null || true
     for p in "${left[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     grep "$tmp" /proc/self/mountinfo | awk '{print $5}' | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
     rm -rf "$tmp" 2>/dev/null || true
@@ -131,7 +136,8 @@ run() { # name socket [isola-bench options]
     shift 2
     "$bin/isola-bench" --endpoint "$tmp/$sock.sock" --name "$name" -n "$n" \
         --local-registry "$reg" --no-big-pull --idle-pods "$k" --idle-settle "$settle" \
-        --json "$tmp/$name.json" "$@" | grep -v '^{'
+        --json "$tmp/$name.json" "${extra[@]}" "$@" | grep -v '^{'
+    [[ -z "${OUT:-}" ]] || { mkdir -p "$OUT" && cp "$tmp/$name.json" "$OUT/"; }
     echo
 }
 for r in $runtimes; do

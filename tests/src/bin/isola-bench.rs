@@ -61,6 +61,11 @@ struct Cli {
     /// finishes booting its services and QEMU's TCG translations settle).
     #[arg(long, default_value_t = 10)]
     idle_settle: u64,
+    /// After the memory measurement, run this shell command (ExecSync, `sh -c`) in the
+    /// first idle pod's container and print its output, e.g. `cat /proc/meminfo` to see
+    /// a vm pod's guest memory.
+    #[arg(long)]
+    idle_exec: Option<String>,
 }
 
 #[derive(Default, serde::Serialize)]
@@ -383,6 +388,28 @@ async fn idle_memory(
     if pods.len() == cli.idle_pods {
         tokio::time::sleep(std::time::Duration::from_secs(cli.idle_settle)).await;
         result = measure(cli, rt, &pods).await;
+        if let (Some(cmd), Ok(m), Some(cid)) = (&cli.idle_exec, &mut result, pods[0].1.first()) {
+            let r = rt
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: cid.clone(),
+                    cmd: vec!["sh".into(), "-c".into(), cmd.clone()],
+                    timeout: 30,
+                })
+                .await;
+            let out = match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&r.stdout),
+                        String::from_utf8_lossy(&r.stderr)
+                    )
+                }
+                Err(e) => format!("ExecSync: {e}"),
+            };
+            println!("\n{} idle pod 0: {cmd}\n{out}", cli.name);
+            m["idle_exec"] = serde_json::json!({"cmd": cmd, "output": out});
+        }
     }
     for (id, ctrs) in &pods {
         for c in ctrs {
