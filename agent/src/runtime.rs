@@ -166,11 +166,44 @@ impl Runtime {
                         if let Some(st) = ev.status {
                             rt.on_container_status(&id, st).await;
                         }
+                    } else if ev.r#type == isola_proto::shim::EventType::SandboxStopped as i32 {
+                        rt.on_sandbox_stopped(&id, &mut client).await;
                     }
                 }
             }
             .instrument(span),
         );
+    }
+
+    /// The shim says the sandbox stopped (a VM pod's VM ended): unless the agent stopped
+    /// it itself, the pod turns NOTREADY with the shim's reason.
+    async fn on_sandbox_stopped(&self, sandbox_id: &str, client: &mut Client) {
+        let reason = client
+            .sandbox_status(isola_proto::shim::SandboxStatusRequest {
+                sandbox_id: sandbox_id.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner().reason)
+            .unwrap_or_default();
+        let _guard = self.lock_pod(sandbox_id).await;
+        let Some(mut sb) = self.records.sandbox(sandbox_id) else {
+            return;
+        };
+        if sb.state != SandboxState::Ready {
+            return;
+        }
+        warn!(pod = %sandbox_id, %reason, "the pod's sandbox stopped underneath it");
+        sb.state = SandboxState::NotReady;
+        sb.reason = if reason.is_empty() {
+            "SandboxStopped".into()
+        } else {
+            format!("SandboxStopped: {reason}")
+        };
+        if let Err(e) = self.records.put_sandbox(sb).await {
+            warn!(error = %e, "recording the sandbox's stop");
+            return;
+        }
+        self.emit_sandbox_event(sandbox_id, cri::ContainerEventType::ContainerStoppedEvent);
     }
 
     /// Records a container's exit reported by its shim.
