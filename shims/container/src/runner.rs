@@ -13,6 +13,60 @@ use std::path::{Path, PathBuf};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use oci_spec::runtime::{LinuxSeccomp, Spec};
+
+/// Runs an exec'd process under its container's seccomp profile.
+///
+/// libcontainer 0.7 builds an exec's spec without the container's `linux.seccomp`, so
+/// exec'd processes (ExecSync, kubectl exec) would run unfiltered; runc filters them
+/// like the container's process. This executor loads the profile in the exec'd process
+/// right before execve, after libcontainer set it up. Loading a filter takes
+/// CAP_SYS_ADMIN or no_new_privs: a process without the capability gets no_new_privs
+/// set first (stricter than runc, which loads the filter before dropping capabilities).
+#[derive(Clone)]
+struct SeccompExecutor {
+    profile: LinuxSeccomp,
+}
+
+impl Executor for SeccompExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        let load = || libcontainer::seccomp::initialize_seccomp(&self.profile);
+        let loaded = match load() {
+            Ok(fd) => Ok(fd),
+            Err(first) => {
+                // SAFETY: prctl with integer arguments only.
+                let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+                if r != 0 {
+                    Err(first.to_string())
+                } else {
+                    load().map_err(|e| e.to_string())
+                }
+            }
+        };
+        match loaded {
+            Ok(None) => DefaultExecutor {}.exec(spec),
+            Ok(Some(_)) => Err(ExecutorError::Other(
+                "seccomp: SCMP_ACT_NOTIFY profiles are not supported for exec".into(),
+            )),
+            Err(e) => Err(ExecutorError::Other(format!(
+                "loading the container's seccomp profile: {e}"
+            ))),
+        }
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        DefaultExecutor {}.validate(spec)
+    }
+}
+
+/// The seccomp profile of the container with this bundle.
+fn bundle_seccomp(bundle: &Path) -> Result<Option<LinuxSeccomp>, String> {
+    let spec = Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("reading {}/config.json: {e}", bundle.display()))?;
+    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+}
 
 /// Errors from libcontainer, with what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +207,9 @@ impl Runner {
         if let Some(i) = stdio.stdin {
             b = b.with_stdin(i);
         }
+        if let Some(profile) = bundle_seccomp(bundle).map_err(|e| err("exec", id, e))? {
+            b = b.with_executor(SeccompExecutor { profile });
+        }
         let pid = b
             .as_tenant()
             .with_container_args(args)
@@ -174,10 +231,15 @@ impl Runner {
         process: &Path,
         console: &Path,
     ) -> Result<i32, RunError> {
-        let pid = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+        let bundle = self.load(id, "exec")?.bundle().to_owned();
+        let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
             .with_root_path(&self.root)
             .map_err(|e| err("exec", id, e))?
-            .with_console_socket(Some(console))
+            .with_console_socket(Some(console));
+        if let Some(profile) = bundle_seccomp(&bundle).map_err(|e| err("exec", id, e))? {
+            b = b.with_executor(SeccompExecutor { profile });
+        }
+        let pid = b
             .as_tenant()
             .with_process(Some(process))
             .with_detach(true)
