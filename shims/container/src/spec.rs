@@ -380,6 +380,25 @@ fn privileged_devices() -> Vec<HostDevice> {
     )
 }
 
+/// The capabilities in this process's bounding set (every one if it cannot be read).
+fn current_capabilities() -> Vec<String> {
+    let bounding = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(u64::MAX);
+    ALL_CAPS
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| bounding & (1u64 << bit) != 0)
+        .map(|(_, c)| c.to_string())
+        .collect()
+}
+
 /// Checks a container device path: absolute, under /dev, without `..`.
 fn check_device_path(p: &str) -> Result<(), SpecError> {
     let path = Path::new(p);
@@ -545,16 +564,19 @@ pub fn generate(
         )));
     }
 
-    // Capabilities.
+    // Capabilities: "all" is every capability this process may hand on (containerd's
+    // WithAllCurrentCapabilities), so that a privileged container starts where the
+    // runtime itself lacks some (CAP_SYS_RESOURCE in a container).
+    let all_caps = current_capabilities();
     let mut caps: Vec<String> = if privileged {
-        ALL_CAPS.iter().map(|s| s.to_string()).collect()
+        all_caps.clone()
     } else {
         DEFAULT_CAPS.iter().map(|s| s.to_string()).collect()
     };
     if let Some(c) = &sc.capabilities {
         for a in &c.add_capabilities {
             match normalise_cap(a)?.as_str() {
-                "ALL" => caps = ALL_CAPS.iter().map(|s| s.to_string()).collect(),
+                "ALL" => caps = all_caps.clone(),
                 cap => {
                     if !caps.iter().any(|x| x == cap) {
                         caps.push(cap.to_owned());
@@ -1088,6 +1110,10 @@ mod tests {
             v["linux"]["resources"]["devices"][0],
             json!({"allow": true, "access": "rwm"})
         );
+        // Every capability the runtime holds, and none it lacks.
+        let caps = v["process"]["capabilities"]["bounding"].clone();
+        assert_eq!(caps, json!(current_capabilities()));
+        assert!(caps.to_string().contains("CAP_SYS_ADMIN"));
     }
 
     #[test]
