@@ -353,6 +353,7 @@ async fn idle_memory(
 ) -> anyhow::Result<serde_json::Value> {
     let mut pods: Vec<(String, Vec<String>)> = Vec::new();
     let mut result = Err(anyhow::anyhow!("no pod"));
+    let mut all_up = true;
     for i in 0..cli.idle_pods {
         let pod = pod_config(cli, tag, &format!("idle-{i}"));
         let started = async {
@@ -382,10 +383,11 @@ async fn idle_memory(
         .await;
         if let Err(e) = started {
             result = Err(e.context(format!("starting idle pod {i}")));
+            all_up = false;
             break;
         }
     }
-    if pods.len() == cli.idle_pods {
+    if all_up {
         tokio::time::sleep(std::time::Duration::from_secs(cli.idle_settle)).await;
         result = measure(cli, rt, &pods).await;
         if let (Some(cmd), Ok(m), Some(cid)) = (&cli.idle_exec, &mut result, pods[0].1.first()) {
