@@ -49,7 +49,9 @@ async fn a_vm_pod_has_its_own_kernel_size_and_process_table() {
     let mut rt = w.rt().await;
     let mut pc = w.pod("iso");
     // 2 vCPUs worth of limits and 128 MiB on top of the class's 1 vCPU / 256 MiB.
+    let parent = format!("/isola-test-vm-{}", std::process::id());
     pc.linux = Some(cri::LinuxPodSandboxConfig {
+        cgroup_parent: parent.clone(),
         resources: Some(cri::LinuxContainerResources {
             cpu_quota: 100_000,
             cpu_period: 100_000,
@@ -132,12 +134,49 @@ async fn a_vm_pod_has_its_own_kernel_size_and_process_table() {
     // The VMM and its helpers run on the host; the shim recorded them.
     let pids = host_pids(&d);
     assert!(!pids.is_empty() && pids.iter().all(|p| alive(*p)), "{d}");
+    // ...in kubelet's pod cgroup, where the RuntimeClass overhead is accounted.
+    let procs_file = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .map(|r| {
+            std::path::Path::new(r)
+                .join(parent.trim_start_matches('/'))
+                .join("cgroup.procs")
+        })
+        .find(|p| p.exists())
+        .expect("the pod cgroup on the host");
+    let procs = std::fs::read_to_string(&procs_file).expect("cgroup.procs");
+    for p in &pids {
+        assert!(
+            procs.lines().any(|l| l == p.to_string()),
+            "pid {p} not in {}: {procs}",
+            procs_file.display()
+        );
+    }
     teardown(&mut rt, &pod).await;
     assert!(
         pids.iter().all(|p| !alive(*p)),
         "VM processes outlived the pod"
     );
     w.agent.assert_no_leaks();
+    for h in [
+        "memory",
+        "pids",
+        "cpu,cpuacct",
+        "blkio",
+        "devices",
+        "freezer",
+        "net_cls,net_prio",
+        "perf_event",
+        "hugetlb",
+        "cpuset",
+        "",
+    ] {
+        let _ = std::fs::remove_dir(
+            std::path::Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(parent.trim_start_matches('/')),
+        );
+    }
 }
 
 #[tokio::test]

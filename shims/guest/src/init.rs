@@ -163,39 +163,35 @@ pub fn power_off() -> ! {
 /// Set in the environment of the re-executed /init once the root is a tmpfs.
 const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
 
-/// Moves the guest's root from the initramfs to a tmpfs and re-executes /init there.
+/// Makes the guest's root a mount with a parent and re-executes /init there.
 ///
 /// The initramfs is the kernel's `rootfs`, a mount without a parent, on which
 /// pivot_root(2) fails (EINVAL): containers could then only be chroot-ed (runc's
-/// `--no-pivot`), which a process with CAP_SYS_CHROOT can escape. A tmpfs moved over
-/// `/` has a parent, so the container runtime pivots as on the host. The initramfs files
-/// are copied and unlinked (switch_root's way), so the memory they held is freed.
+/// `--no-pivot`), which a process with CAP_SYS_CHROOT can escape. A bind mount of `/`
+/// moved over `/` has a parent, so the container runtime pivots as on the host — and
+/// unlike switch_root's copy to a tmpfs, nothing is copied (guest memory the host would
+/// have to hold).
 fn leave_initramfs() -> Result<(), String> {
     let new = "/.root";
-    mount("tmpfs", new, "tmpfs", 0, "mode=0755").map_err(|e| e.to_string())?;
-    let entries = std::fs::read_dir("/").map_err(|e| format!("reading /: {e}"))?;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        if name == ".root" {
-            continue;
-        }
-        let from = e.path();
-        let to = Path::new(new).join(&name);
-        let meta =
-            std::fs::symlink_metadata(&from).map_err(|e| format!("{}: {e}", from.display()))?;
-        if meta.is_file() {
-            std::fs::copy(&from, &to).map_err(|e| format!("copying {}: {e}", from.display()))?;
-            let _ = std::fs::remove_file(&from);
-        } else if meta.is_dir() {
-            // Mount points (the kernel's /dev) are recreated by init; empty dirs too.
-            let _ = std::fs::create_dir_all(&to);
-        }
-    }
+    std::fs::create_dir_all(new).map_err(|e| format!("mkdir {new}: {e}"))?;
     let c_new = CString::new(new).map_err(|e| e.to_string())?;
     let c_root = CString::new("/").map_err(|e| e.to_string())?;
     let c_dot = CString::new(".").map_err(|e| e.to_string())?;
     // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls.
     unsafe {
+        if libc::mount(
+            c_root.as_ptr(),
+            c_new.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(format!(
+                "bind-mounting / at {new}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
         if libc::chdir(c_new.as_ptr()) != 0 {
             return Err(format!("chdir {new}: {}", std::io::Error::last_os_error()));
         }

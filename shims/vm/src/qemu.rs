@@ -113,7 +113,9 @@ impl QemuVm {
             "-accel".into(),
             match self.accel() {
                 Accel::Kvm => "kvm".into(),
-                Accel::Tcg => "tcg".into(),
+                // TCG's translation cache grows to 1 GiB by default; 32 MiB holds a
+                // container guest's hot code, and every MiB of it is host memory.
+                Accel::Tcg => "tcg,tb-size=16".into(),
             },
         ];
         if self.accel() == Accel::Kvm {

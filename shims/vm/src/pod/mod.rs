@@ -385,14 +385,26 @@ impl VmShim {
         };
         let guest_resp = client.create_sandbox(guest_req).await?.into_inner();
         let vmm_pid = booted.pids.first().copied().unwrap_or(0);
+        // The VM's host processes go into kubelet's pod cgroup, where the RuntimeClass
+        // overhead is accounted (a systemd slice is systemd's to fill).
+        let mut host_pids = booted.pids.clone();
+        for p in &booted.pids {
+            host_pids.extend(children(*p));
+        }
+        if !req.cgroup_parent.is_empty() && !req.cgroup_parent.ends_with(".slice") {
+            for p in &host_pids {
+                for f in isola_container::cgroups::enter(&req.cgroup_parent, *p as i32) {
+                    warn!(pid = p, failure = %f, "placing a VM process in the pod cgroup");
+                }
+            }
+        }
         let info: HashMap<String, String> = [
             ("hypervisor".to_string(), selection.backend.to_string()),
             ("hypervisorReason".to_string(), selection.reason.clone()),
             ("vmmPid".to_string(), vmm_pid.to_string()),
             (
                 "hostPids".to_string(),
-                booted
-                    .pids
+                host_pids
                     .iter()
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
@@ -419,7 +431,7 @@ impl VmShim {
         Ok(CreateSandboxResponse {
             pid: vmm_pid,
             info,
-            cgroup_path: String::new(),
+            cgroup_path: req.cgroup_parent.clone(),
         })
     }
 
@@ -876,6 +888,17 @@ impl Shim for VmShim {
         self.inner.shutdown.send_replace(true);
         Ok(Response::new(ShutdownResponse {}))
     }
+}
+
+/// The direct children of a process (virtiofsd's sandboxed worker).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The agent's half of a stream, passed on to the guest until it ends or fails.
