@@ -15,6 +15,9 @@
 #                runtime handler run like vm (e.g. one of ISOLA_CLASSES)
 #   ISOLA_CLASSES a directory of extra runtime classes for isolad (default: none, the
 #                embedded native and vm classes only)
+#   TCG_TB_SIZES sizes in MiB (e.g. "16 32"): for each, a class vmtb<size> like vm whose
+#                QEMU gets `-accel tcg,tb-size=<size>` (through a wrapper script), run
+#                after vm
 #   IDLE_SETTLE  seconds between the last idle pod's start and the measurement (default 10)
 #   BENCH_ARGS   further isola-bench options for every run (e.g. --idle-exec 'free -m')
 #   OUT          a directory to keep each run's JSON (per-process figures of every pod) and
@@ -29,7 +32,10 @@ set -euo pipefail
 n="${1:-5}"
 k="${2:-5}"
 settle="${IDLE_SETTLE:-10}"
-runtimes="${RUNTIMES:-native vm containerd}"
+runtimes=" ${RUNTIMES:-native vm containerd} "
+tbs=""
+for size in ${TCG_TB_SIZES:-}; do tbs+=" vmtb$size"; done
+runtimes="${runtimes/ vm / vm$tbs }"
 eval "extra=(${BENCH_ARGS:-})" # shell words, quotes allowed
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -82,6 +88,15 @@ load_before="$(cut -d' ' -f1-3 /proc/loadavg)"
 # its own (empty), streaming on a free port.
 mkdir -p "$tmp/cni" "$tmp/classes"
 [[ -n "${ISOLA_CLASSES:-}" ]] && cp "$ISOLA_CLASSES"/*.toml "$tmp/classes/"
+for size in ${TCG_TB_SIZES:-}; do
+    printf '%s\n' '#!/bin/bash' 'a=()' \
+        "for x in \"\$@\"; do [[ \$x == tcg ]] && x=tcg,tb-size=$size; a+=(\"\$x\"); done" \
+        'exec qemu-system-x86_64 "${a[@]}"' > "$tmp/qemu-tb$size"
+    chmod +x "$tmp/qemu-tb$size"
+    sed -e "s/^handler = .*/handler = \"vmtb$size\"/" \
+        -e "s|^hypervisor = .*|hypervisor = \"qemu\"\nqemu_binary = \"$tmp/qemu-tb$size\"|" \
+        "$repo/runtime-classes/vm.toml" > "$tmp/classes/vmtb$size.toml"
+done
 cat > "$tmp/isola.toml" <<CONF
 runtime_classes_dir = "$tmp/classes"
 [registry]
