@@ -4,6 +4,8 @@
 //!   (prepare, add devices, start, agent channel, console log, stop, wait), the VM
 //!   config, devices and errors;
 //! * [`select`]: `hypervisor = "auto" | "builtin" | "qemu"` → a backend and the reason;
+//! * [`builtin`]: the builtin backend, isola's own VMM (`isola-vmm`, shims/vmm) as a
+//!   child process;
 //! * [`qemu`]: the QEMU backend (`qemu-system-x86_64 -M microvm` over [`qmp`]), with
 //!   [`virtiofsd`] for virtio-fs shares;
 //! * [`agent`]: the host's client of the guest API (`proto/guest.proto`);
@@ -14,6 +16,7 @@
 
 pub mod agent;
 pub mod assets;
+pub mod builtin;
 pub mod console;
 pub mod hypervisor;
 pub mod initramfs;
@@ -34,6 +37,6 @@ pub fn new_hypervisor(
 ) -> Result<Box<dyn Hypervisor>, VmError> {
     match selection.backend {
         Backend::Qemu { .. } => Ok(Box::new(qemu::QemuVm::new(selection, config))),
-        Backend::Builtin => Err(VmError::Select(select::SelectError::BuiltinUnavailable)),
+        Backend::Builtin => Ok(Box::new(builtin::BuiltinVm::new(selection, config))),
     }
 }

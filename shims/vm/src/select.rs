@@ -10,8 +10,8 @@ pub enum SelectError {
     /// The runtime class named a value we do not know.
     #[error("unknown hypervisor {0:?}: expected \"auto\", \"builtin\" or \"qemu\"")]
     Unknown(String),
-    /// isola's own VMM was asked for explicitly; it is not built yet.
-    #[error("builtin VMM not available yet: use hypervisor = \"qemu\" or \"auto\"")]
+    /// isola's own VMM was asked for explicitly on a host without /dev/kvm.
+    #[error("builtin VMM needs /dev/kvm: use hypervisor = \"qemu\" or \"auto\"")]
     BuiltinUnavailable,
 }
 
@@ -133,15 +133,28 @@ pub fn select(choice: HypervisorChoice, host: HostVirt) -> Result<Selection, Sel
             },
         }
     };
-    match choice {
-        HypervisorChoice::Builtin => Err(SelectError::BuiltinUnavailable),
-        HypervisorChoice::Qemu => Ok(qemu("hypervisor = \"qemu\"; ".into())),
-        // The own VMM is the fast path where the CPU virtualises; until it exists, auto
-        // falls back to QEMU and says so.
-        HypervisorChoice::Auto => Ok(qemu(match host.hw_flag {
-            Some(_) => "auto: builtin VMM not available yet; ".into(),
-            None => "auto: ".into(),
-        })),
+    match (choice, host.hw_flag, host.dev_kvm) {
+        (HypervisorChoice::Builtin, _, false) => Err(SelectError::BuiltinUnavailable),
+        (HypervisorChoice::Builtin, Some(flag), true) => Ok(Selection {
+            backend: Backend::Builtin,
+            reason: format!(
+                "hypervisor = \"builtin\"; {flag} in /proc/cpuinfo and /dev/kvm: isola's own VMM"
+            ),
+        }),
+        // Asked for explicitly: honoured, with a warning in the reason.
+        (HypervisorChoice::Builtin, None, true) => Ok(Selection {
+            backend: Backend::Builtin,
+            reason: "hypervisor = \"builtin\"; /dev/kvm without vmx/svm in /proc/cpuinfo \
+                     (e.g. PVM, which cannot run a stock Linux guest): isola's own VMM anyway"
+                .into(),
+        }),
+        (HypervisorChoice::Qemu, ..) => Ok(qemu("hypervisor = \"qemu\"; ".into())),
+        // The own VMM is the fast path where the CPU virtualises.
+        (HypervisorChoice::Auto, Some(flag), true) => Ok(Selection {
+            backend: Backend::Builtin,
+            reason: format!("auto: {flag} in /proc/cpuinfo and /dev/kvm: isola's own VMM"),
+        }),
+        (HypervisorChoice::Auto, ..) => Ok(qemu("auto: ".into())),
     }
 }
 
@@ -161,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn picks_kvm_with_hw_virt_and_refuses_builtin() {
+    fn picks_builtin_with_hw_virt_and_qemu_kvm_on_request() {
         let host = HostVirt {
             hw_flag: Some("svm"),
             dev_kvm: true,
@@ -169,16 +182,29 @@ mod tests {
         let s = select(HypervisorChoice::Qemu, host).unwrap();
         assert_eq!(s.backend, Backend::Qemu { accel: Accel::Kvm });
         let s = select(HypervisorChoice::Auto, host).unwrap();
-        assert!(
-            s.reason.contains("builtin VMM not available yet"),
-            "{}",
-            s.reason
-        );
-        let e = select(HypervisorChoice::Builtin, host).unwrap_err();
+        assert_eq!(s.backend, Backend::Builtin);
+        assert!(s.reason.contains("svm in /proc/cpuinfo"), "{}", s.reason);
+        let s = select(HypervisorChoice::Builtin, host).unwrap();
+        assert_eq!(s.backend, Backend::Builtin);
+        let no_kvm = HostVirt {
+            hw_flag: Some("svm"),
+            dev_kvm: false,
+        };
+        let e = select(HypervisorChoice::Builtin, no_kvm).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "builtin VMM not available yet: use hypervisor = \"qemu\" or \"auto\""
+            "builtin VMM needs /dev/kvm: use hypervisor = \"qemu\" or \"auto\""
         );
+        assert_eq!(
+            select(HypervisorChoice::Auto, no_kvm).unwrap().backend,
+            Backend::Qemu { accel: Accel::Tcg }
+        );
+        let pvm = HostVirt {
+            hw_flag: None,
+            dev_kvm: true,
+        };
+        let s = select(HypervisorChoice::Builtin, pvm).unwrap();
+        assert!(s.reason.contains("PVM"), "{}", s.reason);
         assert!("kvm".parse::<HypervisorChoice>().is_err());
         assert_eq!(
             "auto".parse::<HypervisorChoice>().unwrap(),
