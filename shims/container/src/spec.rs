@@ -694,7 +694,10 @@ pub fn generate(
     let mut add = |found: Vec<HostDevice>, access: &str| {
         for d in found {
             devices.retain(|x| x["path"] != json!(d.path));
-            device_rules.push(json!({"allow": true, "type": d.kind, "major": d.major, "minor": d.minor, "access": access}));
+            // A privileged container's cgroup already allows every device.
+            if !privileged {
+                device_rules.push(json!({"allow": true, "type": d.kind, "major": d.major, "minor": d.minor, "access": access}));
+            }
             devices.push(json!({"path": d.path, "type": d.kind, "major": d.major, "minor": d.minor, "fileMode": d.mode, "uid": d.uid, "gid": d.gid}));
         }
     };
@@ -1107,8 +1110,8 @@ mod tests {
         assert!(!paths.contains(&"/dev/console"), "{paths:?}");
         assert_eq!(paths.iter().filter(|p| **p == "/dev/null").count(), 1);
         assert_eq!(
-            v["linux"]["resources"]["devices"][0],
-            json!({"allow": true, "access": "rwm"})
+            v["linux"]["resources"]["devices"],
+            json!([{"allow": true, "access": "rwm"}])
         );
         // Every capability the runtime holds, and none it lacks.
         let mut caps: Vec<String> =
