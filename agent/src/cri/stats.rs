@@ -154,9 +154,17 @@ impl Runtime {
             if sb.state != SandboxState::Ready {
                 continue;
             }
-            let resp = self
+            // One pod's shim failing (its VM just died, say) must not fail the list.
+            let resp = match self
                 .shim_stats(&sb, cs.iter().map(|c| c.id.clone()).collect())
-                .await?;
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(pod = %pod, error = %e, "skipping a pod's container stats");
+                    continue;
+                }
+            };
             for c in &cs {
                 if let Some(s) = resp.containers.iter().find(|s| s.container_id == c.id) {
                     stats.push(container_stats(c, s, &self.writable_mountpoint()));
@@ -251,7 +259,10 @@ impl Runtime {
         });
         let mut stats = Vec::new();
         for sb in super::filter::filter_sandboxes(&self.records, Some(&filter))? {
-            stats.push(self.sandbox_stats(&sb).await?);
+            match self.sandbox_stats(&sb).await {
+                Ok(st) => stats.push(st),
+                Err(e) => tracing::warn!(pod = %sb.id, error = %e, "skipping a pod's stats"),
+            }
         }
         Ok(cri::ListPodSandboxStatsResponse { stats })
     }
