@@ -379,3 +379,94 @@ async fn bad_seccomp_profiles_are_invalid_arguments_naming_the_path() {
     teardown(&mut rt, &pod).await;
     w.agent.assert_no_leaks();
 }
+
+/// A container config with a memory limit.
+fn limited(mut c: cri::ContainerConfig, bytes: i64) -> cri::ContainerConfig {
+    c.linux = Some(cri::LinuxContainerConfig {
+        security_context: None,
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: bytes,
+            ..Default::default()
+        }),
+    });
+    c
+}
+
+/// The memory limit a container sees in its /sys/fs/cgroup (v1 bind, or v2 namespace).
+const READ_LIMIT: &str =
+    "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max";
+
+/// In a pod PID namespace (the default namespace options, as crictl and critest ask),
+/// a container's PID is not a host PID: creating containers must not depend on which
+/// PIDs the host has (on cgroup v1 libcontainer's `cgroup` mount looked its parent up
+/// in the host's /proc by that PID), and each sees its own cgroup.
+#[tokio::test]
+async fn pod_pid_namespace_containers_get_their_own_cgroups_whatever_their_pid() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let pc = w.pod("podpid");
+    assert!(pc.linux.is_none(), "default namespace options wanted");
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let long = run(
+        &mut rt,
+        &pod,
+        &pc,
+        limited(w.sh("long", "sleep 1000"), 96 << 20),
+    )
+    .await;
+    assert_eq!(
+        sh(&rt, &long, READ_LIMIT).await,
+        (0, (96u64 << 20).to_string(), String::new())
+    );
+    if !std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        // cgroup v1: the hierarchies are there, read-only, in a read-only tmpfs.
+        let (code, out, err) = sh(&rt, &long, "ls /sys/fs/cgroup").await;
+        assert_eq!(code, 0, "{err}");
+        for h in ["memory", "cpu", "cpuacct", "pids"] {
+            assert!(out.lines().any(|l| l == h), "{h} missing: {out}");
+        }
+        assert!(!out.lines().any(|l| l == "systemd"), "{out}");
+        for f in [
+            "/sys/fs/cgroup/x",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ] {
+            let (code, _, _) = sh(&rt, &long, &format!("echo 1 > {f}")).await;
+            assert_ne!(code, 0, "{f} is writable");
+        }
+    }
+    let log_dir = std::path::Path::new(&pc.log_directory);
+    for i in 0..20i64 {
+        // Each round uses up PIDs of the pod's namespace: the exec's and the new
+        // container's.
+        let (code, out, err) = sh(&rt, &long, "echo $$").await;
+        assert_eq!(code, 0, "round {i}: {err}");
+        assert!(out.parse::<u32>().is_ok(), "round {i}: {out}");
+        let limit = (32 + i) << 20;
+        let name = format!("short{i}");
+        let id = create(&mut rt, &pod, &pc, limited(w.sh(&name, READ_LIMIT), limit))
+            .await
+            .unwrap_or_else(|e| panic!("round {i}: create: {e:?}"));
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("round {i}: start: {e:?}"));
+        let st = wait_exit(&mut rt, &id, Duration::from_secs(20)).await;
+        assert_eq!(st.exit_code, 0, "round {i}");
+        let lines: Vec<String> = log_records(&log_dir.join(format!("{name}.log")))
+            .into_iter()
+            .map(|(_, _, l)| l)
+            .collect();
+        assert_eq!(lines, [limit.to_string()], "round {i}");
+        rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+            .await
+            .expect("remove");
+    }
+    // The long-running container still sees its own limit.
+    assert_eq!(
+        sh(&rt, &long, READ_LIMIT).await,
+        (0, (96u64 << 20).to_string(), String::new())
+    );
+    teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+}

@@ -32,6 +32,100 @@ pub fn is_v2() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()
 }
 
+/// A cgroup v1 hierarchy mounted on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct V1Hierarchy {
+    /// Where the host mounts it, e.g. /sys/fs/cgroup/cpu,cpuacct.
+    pub mount_point: PathBuf,
+    /// Its controllers (from the super options), e.g. cpu, cpuacct.
+    pub controllers: Vec<String>,
+}
+
+/// The controllers libcontainer's cgroup v1 manager puts a container in.
+pub const V1_CONTROLLERS: &[&str] = &[
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "hugetlb",
+    "memory",
+    "pids",
+    "perf_event",
+    "blkio",
+    "net_prio",
+    "net_cls",
+    "freezer",
+];
+
+/// Mount point names under which libcgroups finds a controller's hierarchy (it
+/// matches the last path component, as `Path::ends_with`).
+fn v1_names(controller: &str) -> &'static [&'static str] {
+    match controller {
+        "cpu" => &["cpu,cpuacct", "cpu"],
+        "cpuacct" => &["cpu,cpuacct", "cpuacct"],
+        "net_cls" => &["net_cls,net_prio", "net_prio,net_cls", "net_cls"],
+        "net_prio" => &["net_cls,net_prio", "net_prio,net_cls", "net_prio"],
+        "cpuset" => &["cpuset"],
+        "devices" => &["devices"],
+        "hugetlb" => &["hugetlb"],
+        "memory" => &["memory"],
+        "pids" => &["pids"],
+        "perf_event" => &["perf_event"],
+        "blkio" => &["blkio"],
+        "freezer" => &["freezer"],
+        _ => &[],
+    }
+}
+
+/// The cgroup v1 hierarchies in which libcontainer's v1 manager creates a container's
+/// cgroup directory (`<mount point>/<cgroupsPath>`), from a mountinfo table: for each
+/// of its controllers the first `cgroup` mount whose last path component names it (as
+/// libcgroups looks it up) and whose super options hold it. Named hierarchies
+/// (name=systemd) and the unified one are left out.
+pub fn parse_v1_hierarchies(mountinfo: &str) -> Vec<V1Hierarchy> {
+    let mounts: Vec<V1Hierarchy> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            let mut post = post.split(' ');
+            if post.next()? != "cgroup" {
+                return None;
+            }
+            let supers = post.nth(1)?;
+            Some(V1Hierarchy {
+                mount_point: PathBuf::from(mount_point),
+                controllers: supers
+                    .split(',')
+                    .filter(|o| V1_CONTROLLERS.contains(o))
+                    .map(str::to_owned)
+                    .collect(),
+            })
+        })
+        .collect();
+    let mut found: Vec<V1Hierarchy> = Vec::new();
+    for c in V1_CONTROLLERS {
+        let hit = mounts.iter().find(|m| {
+            m.mount_point
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| v1_names(c).contains(&n))
+        });
+        if let Some(m) = hit {
+            if m.controllers.iter().any(|x| x == c) && !found.contains(m) {
+                found.push(m.clone());
+            }
+        }
+    }
+    found
+}
+
+/// The host's cgroup v1 hierarchies a container gets a cgroup in (see
+/// [`parse_v1_hierarchies`]).
+pub fn v1_hierarchies() -> Vec<V1Hierarchy> {
+    parse_v1_hierarchies(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
 fn read_u64(p: &Path) -> u64 {
     std::fs::read_to_string(p)
         .ok()

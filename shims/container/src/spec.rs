@@ -482,6 +482,50 @@ fn requested_device(d: &cri::Device) -> Result<(Vec<HostDevice>, String), SpecEr
     }
 }
 
+/// /sys/fs/cgroup of a container on cgroup v1 with the cgroupfs driver, as runc mounts
+/// it: a tmpfs, and in it, per hierarchy the container has a cgroup in, a bind of that
+/// cgroup's directory (`<host mount point>/<cgroups_path>`, which libcontainer creates
+/// before it prepares the rootfs) at the hierarchy's name. A co-mounted hierarchy
+/// (cpu,cpuacct) is bound under each controller's name too, in place of the host's
+/// cpu -> cpu,cpuacct symlinks.
+fn cgroup_v1_mounts(
+    hierarchies: &[crate::cgroups::V1Hierarchy],
+    cgroups_path: &str,
+    mode: &str,
+) -> Vec<Value> {
+    let mut mounts = vec![
+        json!({"destination": "/sys/fs/cgroup", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec", "mode=755"]}),
+    ];
+    let names: Vec<&str> = hierarchies
+        .iter()
+        .filter_map(|h| h.mount_point.file_name()?.to_str())
+        .collect();
+    let mut taken: Vec<String> = Vec::new();
+    for h in hierarchies {
+        let Some(name) = h.mount_point.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let source = h.mount_point.join(cgroups_path.trim_start_matches('/'));
+        let mut dests = vec![name.to_owned()];
+        if name.contains(',') {
+            dests.extend(
+                h.controllers
+                    .iter()
+                    .filter(|c| !names.contains(&c.as_str()) && name.split(',').any(|n| n == *c))
+                    .cloned(),
+            );
+        }
+        for d in dests {
+            if taken.contains(&d) {
+                continue;
+            }
+            mounts.push(json!({"destination": format!("/sys/fs/cgroup/{d}"), "type": "bind", "source": source, "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev", mode]}));
+            taken.push(d);
+        }
+    }
+    mounts
+}
+
 /// Builds the spec.
 pub fn generate(
     container_id: &str,
@@ -649,7 +693,35 @@ pub fn generate(
         // sysfs cannot be mounted without an own network namespace: bind the host's.
         mounts.push(json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "rprivate", "nosuid", "noexec", "nodev", sys_ro]}));
     }
-    mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", sys_ro]}));
+    let cgroups_path = if opts.systemd_cgroup {
+        let parent = if pod.cgroup_parent.is_empty() {
+            "system.slice"
+        } else {
+            &pod.cgroup_parent
+        };
+        format!("{parent}:isola:{container_id}")
+    } else {
+        let parent = if pod.cgroup_parent.is_empty() {
+            "/isola"
+        } else {
+            pod.cgroup_parent.trim_end_matches('/')
+        };
+        format!("{parent}/{container_id}")
+    };
+    // On cgroup v1 with cgroupfs, /sys/fs/cgroup is built as runc builds it, not left to
+    // libcontainer's `cgroup` mount: that looks its parent up by pid in the host's /proc,
+    // a pid of the pod's PID namespace, so it failed (no such host process) or read an
+    // unrelated host process's cgroups.
+    let v1_cgroupfs = !opts.systemd_cgroup && !crate::cgroups::is_v2();
+    if v1_cgroupfs {
+        mounts.extend(cgroup_v1_mounts(
+            &crate::cgroups::v1_hierarchies(),
+            &cgroups_path,
+            sys_ro,
+        ));
+    } else {
+        mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", sys_ro]}));
+    }
     for (dest, src) in [
         ("/etc/hosts", &pod.etc_hosts),
         ("/etc/hostname", &pod.etc_hostname),
@@ -749,22 +821,6 @@ pub fn generate(
         }
     });
 
-    let cgroups_path = if opts.systemd_cgroup {
-        let parent = if pod.cgroup_parent.is_empty() {
-            "system.slice"
-        } else {
-            &pod.cgroup_parent
-        };
-        format!("{parent}:isola:{container_id}")
-    } else {
-        let parent = if pod.cgroup_parent.is_empty() {
-            "/isola"
-        } else {
-            pod.cgroup_parent.trim_end_matches('/')
-        };
-        format!("{parent}/{container_id}")
-    };
-
     let mut linux_json = json!({
         "namespaces": namespaces,
         "resources": resources,
@@ -778,11 +834,16 @@ pub fn generate(
         } else {
             sc.masked_paths.clone()
         };
-        let ro: Vec<String> = if sc.readonly_paths.is_empty() {
+        let mut ro: Vec<String> = if sc.readonly_paths.is_empty() {
             READONLY_PATHS.iter().map(|s| s.to_string()).collect()
         } else {
             sc.readonly_paths.clone()
         };
+        // The tmpfs holding the cgroup v1 binds is made read-only once they are in
+        // (as runc does); the binds keep their own read-only flag.
+        if v1_cgroupfs && !ro.iter().any(|p| p == "/sys/fs/cgroup") {
+            ro.push("/sys/fs/cgroup".into());
+        }
         linux_json["maskedPaths"] = json!(masked);
         linux_json["readonlyPaths"] = json!(ro);
     }
@@ -1121,6 +1182,92 @@ mod tests {
         held.sort();
         assert_eq!(caps, held);
         assert!(caps.iter().any(|c| c == "CAP_SYS_ADMIN"));
+    }
+
+    #[test]
+    fn cgroup_v1_cgroupfs_binds_the_containers_own_cgroups() {
+        let mountinfo = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+38 31 0:35 / /sys/fs/cgroup/net_cls,net_prio rw,relatime - cgroup cgroup rw,net_cls,net_prio
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+42 31 0:32 / /mnt/memory rw,relatime - cgroup cgroup rw,memory
+";
+        let h = crate::cgroups::parse_v1_hierarchies(mountinfo);
+        let points: Vec<_> = h.iter().map(|h| h.mount_point.to_str().unwrap()).collect();
+        assert_eq!(
+            points,
+            [
+                "/sys/fs/cgroup/cpu,cpuacct",
+                "/sys/fs/cgroup/cpuset",
+                "/sys/fs/cgroup/memory",
+                "/sys/fs/cgroup/net_cls,net_prio"
+            ]
+        );
+        assert_eq!(h[0].controllers, ["cpu", "cpuacct"]);
+
+        let m = cgroup_v1_mounts(&h, "/kubepods/pod1/cid", "ro");
+        assert_eq!(m[0]["destination"], "/sys/fs/cgroup");
+        assert_eq!(m[0]["type"], "tmpfs");
+        let binds: Vec<(String, String)> = m[1..]
+            .iter()
+            .map(|b| {
+                assert_eq!(b["type"], "bind");
+                assert!(b["options"].as_array().unwrap().contains(&json!("ro")));
+                (
+                    b["destination"].as_str().unwrap().to_owned(),
+                    b["source"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let cpu = "/sys/fs/cgroup/cpu,cpuacct/kubepods/pod1/cid";
+        let net = "/sys/fs/cgroup/net_cls,net_prio/kubepods/pod1/cid";
+        let want = [
+            ("/sys/fs/cgroup/cpu,cpuacct", cpu),
+            ("/sys/fs/cgroup/cpu", cpu),
+            ("/sys/fs/cgroup/cpuacct", cpu),
+            (
+                "/sys/fs/cgroup/cpuset",
+                "/sys/fs/cgroup/cpuset/kubepods/pod1/cid",
+            ),
+            (
+                "/sys/fs/cgroup/memory",
+                "/sys/fs/cgroup/memory/kubepods/pod1/cid",
+            ),
+            ("/sys/fs/cgroup/net_cls,net_prio", net),
+            ("/sys/fs/cgroup/net_cls", net),
+            ("/sys/fs/cgroup/net_prio", net),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        assert_eq!(binds, want);
+
+        // The spec itself: the cgroup-type mount stays where it is right (cgroup v2,
+        // systemd); on cgroup v1 with cgroupfs the tmpfs and binds replace it.
+        let v = serde_json::to_value(&gen(&cri::ContainerConfig::default()).spec).expect("json");
+        let mounts = v["mounts"].as_array().expect("mounts");
+        let at = |d: &str| mounts.iter().find(|m| m["destination"] == d).cloned();
+        let cg = at("/sys/fs/cgroup").expect("/sys/fs/cgroup");
+        if crate::cgroups::is_v2() {
+            assert_eq!(cg["type"], "cgroup");
+        } else {
+            assert_eq!(cg["type"], "tmpfs");
+            assert!(v["linux"]["readonlyPaths"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("/sys/fs/cgroup")));
+            if let Some(mem) = at("/sys/fs/cgroup/memory") {
+                assert!(mem["source"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("/memory/isola/cid"));
+            }
+        }
     }
 
     #[test]
