@@ -15,9 +15,9 @@
 #                runtime handler run like vm (e.g. one of ISOLA_CLASSES)
 #   ISOLA_CLASSES a directory of extra runtime classes for isolad (default: none, the
 #                embedded native and vm classes only)
-#   TCG_TB_SIZES sizes in MiB (e.g. "16 32"): for each, a class vmtb<size> like vm whose
-#                QEMU gets `-accel tcg,tb-size=<size>` (through a wrapper script), run
-#                after vm
+#   TCG_TB_SIZES sizes in MiB (e.g. "32 64"): for each, a class vmtb<size> like vm whose
+#                QEMU gets `-accel tcg,tb-size=<size>` in place of the shim's `-accel tcg..`
+#                (through a wrapper script), run after vm
 #   IDLE_SETTLE  seconds between the last idle pod's start and the measurement (default 10)
 #   BENCH_ARGS   further isola-bench options for every run (e.g. --idle-exec 'free -m')
 #   OUT          a directory to keep each run's JSON (per-process figures of every pod) and
@@ -90,7 +90,7 @@ mkdir -p "$tmp/cni" "$tmp/classes"
 [[ -n "${ISOLA_CLASSES:-}" ]] && cp "$ISOLA_CLASSES"/*.toml "$tmp/classes/"
 for size in ${TCG_TB_SIZES:-}; do
     printf '%s\n' '#!/bin/bash' 'a=()' \
-        "for x in \"\$@\"; do [[ \$x == tcg ]] && x=tcg,tb-size=$size; a+=(\"\$x\"); done" \
+        "for x in \"\$@\"; do [[ \$x == tcg* ]] && x=tcg,tb-size=$size; a+=(\"\$x\"); done" \
         'exec qemu-system-x86_64 "${a[@]}"' > "$tmp/qemu-tb$size"
     chmod +x "$tmp/qemu-tb$size"
     sed -e "s/^handler = .*/handler = \"vmtb$size\"/" \
