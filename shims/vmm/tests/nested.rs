@@ -116,3 +116,58 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
         "{panic}"
     );
 }
+
+/// Launch → agent hello and VMM memory, isola-vmm beside QEMU (microvm, KVM) on the same
+/// kernel and initramfs, inside the rig. Run with
+/// `cargo test --release -p isola-vmm --test nested -- --ignored --nocapture`;
+/// `RIG_BOOTS` sets the boots per VMM (default 5).
+#[test]
+#[ignore = "benchmark: minutes of nested boots"]
+fn rig_benchmark() {
+    let host = rig::Host::find();
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = Path::new(env!("CARGO_BIN_EXE_isola-vmm"));
+    let mut l1 = rig::L1::new(dir.path(), &host, vmm);
+    rig::copy_program(
+        &l1.root,
+        Path::new(env!("CARGO_BIN_EXE_isola-vmm-bench")),
+        "/bin/isola-vmm-bench",
+    );
+    rig::copy_program(
+        &l1.root,
+        Path::new("/usr/bin/qemu-system-x86_64"),
+        "/usr/bin/qemu-system-x86_64",
+    );
+    for f in [
+        "bios-microvm.bin",
+        "pvh.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+        "qboot.rom",
+    ] {
+        let from = Path::new("/usr/share/qemu").join(f);
+        let to = l1.root.join("usr/share/qemu").join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    let boots: usize = std::env::var("RIG_BOOTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    l1.scenario(
+        "bench",
+        &format!(
+            "isola-vmm-bench --boots {boots} --kernel /l2/vmlinux --initramfs /l2/initramfs.cpio \
+             --vmm /bin/isola-vmm --qemu /usr/bin/qemu-system-x86_64"
+        ),
+    );
+    let cpio = l1.pack(dir.path());
+    let run = rig::boot(&host, &cpio, dir.path(), Duration::from_secs(1800));
+    let out = run.output("bench");
+    eprintln!("{out}");
+    assert_eq!(run.rc("bench"), Some(0), "bench:\n{out}");
+    assert!(
+        out.contains("bench: isola-vmm") && out.contains("bench: qemu"),
+        "{out}"
+    );
+}
