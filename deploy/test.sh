@@ -21,6 +21,15 @@ if [[ -x "$repo/deploy/guest/build-assets.sh" ]]; then
     export ISOLA_GUEST_INITRAMFS="$ISOLA_GUEST_DIR/initramfs.cpio"
 fi
 
+# ---- isola-vmm (shims/vmm): the nested KVM rig its tests boot guests in ----
+# This host's /dev/kvm cannot run Linux; shims/vmm/tests/nested.rs runs isola-vmm inside
+# an L1 guest (QEMU TCG, Debian's cloud kernel with kvm-amd). prepare.sh installs QEMU,
+# that kernel, busybox-static, cpio and e2fsprogs if missing (the test itself runs with
+# `cargo test --workspace` below, ≈30-60 s).
+log "isola-vmm rig prerequisites ($(($(date +%s) - start))s)"
+"$repo/shims/vmm/rig/prepare.sh"
+# ---- end isola-vmm ----
+
 log "fmt + clippy ($(($(date +%s) - start))s)"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings

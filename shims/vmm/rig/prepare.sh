@@ -17,7 +17,8 @@ if ((${#need[@]})); then
     echo "rig/prepare.sh: installing ${need[*]}" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${need[@]}" >/dev/null
 fi
-guest="${ISOLA_GUEST_OUT:-/usr/share/isola/guest}"
-if [[ ! -f "$guest/vmlinux" || ! -f "$guest/initramfs.cpio" ]] || ! command -v virtiofsd >/dev/null && [[ ! -x /usr/local/bin/virtiofsd ]]; then
-    "$repo/deploy/guest/build-assets.sh"
+guest="${ISOLA_GUEST_DIR:-/usr/share/isola/guest}"
+have_virtiofsd() { command -v virtiofsd >/dev/null || [[ -x /usr/local/bin/virtiofsd ]]; }
+if [[ ! -f "$guest/vmlinux" || ! -f "$guest/initramfs.cpio" ]] || ! have_virtiofsd; then
+    "$repo/deploy/guest/build-assets.sh" "$guest"
 fi
