@@ -28,7 +28,44 @@ fn need(path: &Path, what: &str) {
     );
 }
 
+/// Whether the scenarios can run on this host directly: vmx/svm and /dev/kvm, unless
+/// `ISOLA_VMM_TEST_MODE` says `nested` or `direct`.
+pub fn hardware_kvm() -> bool {
+    match std::env::var("ISOLA_VMM_TEST_MODE").as_deref() {
+        Ok("nested") => return false,
+        Ok("direct") => return true,
+        _ => {}
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|w| w == "vmx" || w == "svm");
+    hw && Path::new("/dev/kvm").exists()
+}
+
+/// The guest assets only (the direct mode needs no L1).
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
 impl Host {
+    /// The guest kernel and initramfs; fails if missing.
+    pub fn find_guest() -> Guest {
+        let guest = std::env::var_os("ISOLA_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/usr/share/isola/guest"));
+        let g = Guest {
+            kernel: guest.join("vmlinux"),
+            initramfs: guest.join("initramfs.cpio"),
+        };
+        need(&g.kernel, "the isola guest kernel");
+        need(&g.initramfs, "the isola guest initramfs");
+        g
+    }
+
     pub fn find() -> Self {
         let boot = std::fs::read_dir("/boot").expect("read /boot");
         let mut kernels: Vec<PathBuf> = boot
@@ -58,18 +95,13 @@ impl Host {
         for tool in ["/bin/busybox", "/usr/bin/qemu-system-x86_64"] {
             need(Path::new(tool), tool);
         }
-        let guest = std::env::var_os("ISOLA_GUEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/usr/share/isola/guest"));
-        let h = Self {
+        let guest = Self::find_guest();
+        Self {
             cloud_kernel,
             modules,
-            guest_kernel: guest.join("vmlinux"),
-            guest_initramfs: guest.join("initramfs.cpio"),
-        };
-        need(&h.guest_kernel, "the isola guest kernel");
-        need(&h.guest_initramfs, "the isola guest initramfs");
-        h
+            guest_kernel: guest.kernel,
+            guest_initramfs: guest.initramfs,
+        }
     }
 }
 
@@ -84,10 +116,12 @@ pub fn virtiofsd() -> PathBuf {
     p
 }
 
-/// The L1 root being assembled.
+/// The L1 root being assembled (or, in direct mode, the host directory with l2/ and
+/// share/).
 pub struct L1 {
     pub root: PathBuf,
     script: String,
+    scenarios: Vec<(String, String)>,
 }
 
 fn copy(from: &Path, to: &Path) {
@@ -137,11 +171,63 @@ impl L1 {
         Self {
             root,
             script: String::new(),
+            scenarios: Vec::new(),
+        }
+    }
+
+    /// A directory for running the scenarios on this host (hardware KVM).
+    pub fn direct(dir: &Path, guest: &Guest) -> Self {
+        let root = dir.join("direct");
+        copy(&guest.kernel, &root.join("l2/vmlinux"));
+        copy(&guest.initramfs, &root.join("l2/initramfs.cpio"));
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        Self {
+            root,
+            script: String::new(),
+            scenarios: Vec::new(),
+        }
+    }
+
+    /// Runs the scenarios on this host, one `sh -c` each, with a network namespace of
+    /// their own for the TAP; returns their output in the rig's format.
+    pub fn run_direct(&self, vmm: &Path) -> Run {
+        let started = Instant::now();
+        let netns = format!("isola-vmmtest-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &netns])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {netns} (iproute2, root)");
+        let mut console = String::new();
+        for (name, command) in &self.scenarios {
+            // A wedged guest must not hang the test: 5 minutes per scenario.
+            let out = Command::new("timeout")
+                .args(["300", "sh", "-c"])
+                .arg(command)
+                .env("VMM", vmm)
+                .env("ROOT", &self.root)
+                .env("TMP", self.root.join("tmp"))
+                .env("NETNS", format!("ip netns exec {netns}"))
+                .output()
+                .expect("sh");
+            console.push_str(&format!("RIG: BEGIN {name}\n"));
+            console.push_str(&String::from_utf8_lossy(&out.stdout));
+            console.push_str(&String::from_utf8_lossy(&out.stderr));
+            console.push_str(&format!(
+                "RIG: END {name} rc={}\n",
+                out.status.code().unwrap_or(-1)
+            ));
+        }
+        let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+        Run {
+            console,
+            elapsed: started.elapsed(),
         }
     }
 
     /// Adds a scenario: `command` runs in L1's shell; its exit status is reported.
     pub fn scenario(&mut self, name: &str, command: &str) {
+        self.scenarios.push((name.into(), command.into()));
         self.script.push_str(&format!(
             "echo 'RIG: BEGIN {name}'\n( {command} ) 2>&1\necho \"RIG: END {name} rc=$?\"\n"
         ));
@@ -160,6 +246,7 @@ mount -t tmpfs tmp /tmp
 for m in irqbypass kvm kvm-amd tun; do insmod /modules/$m.ko || echo "RIG: insmod $m failed"; done
 [ -e /dev/kvm ] && echo "RIG: kvm ok" || echo "RIG: no /dev/kvm"
 ip link set lo up
+export VMM=/bin/isola-vmm ROOT= TMP=/tmp NETNS= ISOLA_VIRTIOFSD_SANDBOX=chroot
 {}
 echo "RIG: done"
 poweroff -f
