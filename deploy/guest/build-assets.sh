@@ -51,8 +51,8 @@ log "building static isola-guest"
 # libcontainer links libseccomp: statically too (libseccomp-dev ships libseccomp.a).
 (cd "$repo" && LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
     RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --release -p isola-guest --target "$triple")
-guest="$target_dir/$triple/release/isola-guest"
+    cargo build --quiet --profile guest -p isola-guest --target "$triple")
+guest="$target_dir/$triple/guest/isola-guest"
 if readelf -d "$guest" | grep -q NEEDED; then
     log "$guest is not static: $(readelf -d "$guest" | grep NEEDED | tr -s ' ')"; exit 1
 fi
