@@ -715,5 +715,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(p) = cli.json {
         std::fs::write(p, serde_json::to_vec_pretty(&doc)?)?;
     }
+    // The pods' log directories (every pod is removed by now).
+    let _ = std::fs::remove_dir_all(format!("/tmp/isola-bench-{tag}"));
     Ok(())
 }
