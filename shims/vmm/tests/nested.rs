@@ -87,6 +87,26 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
              rc=$?; tail -n 5 $TMP/l2-fs.log; exit $rc"
         ),
     );
+    // The hypervisor layer's builtin backend (isola_vm::builtin) over the same VMM.
+    if !direct {
+        rig::copy_program(
+            &l1.root,
+            &rig::example("builtin_smoke"),
+            "/bin/builtin_smoke",
+        );
+    }
+    let smoke = if direct {
+        rig::example("builtin_smoke").display().to_string()
+    } else {
+        "/bin/builtin_smoke".into()
+    };
+    l1.scenario(
+        "builtin",
+        &format!(
+            "ISOLA_VMM=$VMM {smoke} $ROOT/l2/vmlinux $ROOT/l2/initramfs.cpio $TMP/builtin; \
+             rc=$?; tail -n 3 $TMP/builtin/run/vmm.log; exit $rc"
+        ),
+    );
     l1.scenario(
         "panic",
         &format!(
@@ -140,6 +160,17 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
     let fs = run.output("fs");
     assert_eq!(run.rc("fs"), Some(0), "fs scenario:\n{fs}");
     assert!(fs.contains("selftest: fs ok"), "{fs}");
+
+    let builtin = run.output("builtin");
+    assert_eq!(run.rc("builtin"), Some(0), "builtin scenario:\n{builtin}");
+    for line in [
+        "builtin: hello ok",
+        "builtin: fs ok",
+        "builtin: poweroff exit status: 0",
+        "builtin: panic detected: Kernel panic - not syncing",
+    ] {
+        assert!(builtin.contains(line), "no {line:?} in:\n{builtin}");
+    }
 
     let panic = run.output("panic");
     assert_eq!(run.rc("panic"), Some(2), "panic scenario:\n{panic}");

@@ -28,6 +28,21 @@ fn need(path: &Path, what: &str) {
     );
 }
 
+/// An example of this package, built beside the test by `cargo test`.
+pub fn example(name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_isola-vmm"));
+    let p = bin
+        .parent()
+        .map(|d| d.join("examples").join(name))
+        .unwrap_or_default();
+    assert!(
+        p.is_file(),
+        "example {name} not built at {}: run `cargo test -p isola-vmm` (which builds examples), not `--test nested` alone",
+        p.display()
+    );
+    p
+}
+
 /// Whether the scenarios can run on this host directly: vmx/svm and /dev/kvm, unless
 /// `ISOLA_VMM_TEST_MODE` says `nested` or `direct`.
 pub fn hardware_kvm() -> bool {

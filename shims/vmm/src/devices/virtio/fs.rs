@@ -242,6 +242,6 @@ impl VirtioDevice for Fs {
         }
         // virtiofsd has no way back to a fresh device here: a guest that resets virtio-fs
         // loses the share until the VM restarts.
-        warn!(tag = %self.tag, "virtio-fs reset by the guest");
+        info!(tag = %self.tag, "virtio-fs reset by the guest");
     }
 }
