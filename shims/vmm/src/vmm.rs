@@ -514,7 +514,7 @@ impl Vmm {
 }
 
 /// Guest RAM: anonymous memory, or a shared memfd when a vhost-user backend must map it.
-fn guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, VmmError> {
+pub(crate) fn guest_memory(size: u64, shared: bool) -> Result<GuestMemoryMmap, VmmError> {
     let file = if shared {
         // SAFETY: memfd_create with a NUL-terminated name and flags; the fd is owned below.
         let fd = unsafe { libc::memfd_create(c"isola-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
