@@ -45,6 +45,9 @@ const PORT_NAME: u16 = 7;
 
 /// Bytes of guest output kept while no host client is connected.
 const MAX_PENDING_TO_HOST: usize = 1 << 20;
+/// Largest single chain of guest output taken (the driver sends page-sized buffers; a
+/// chain of descriptors all spanning guest RAM must not size our allocation).
+const MAX_TX_CHAIN: usize = 256 << 10;
 /// Bytes read from the host ahead of the guest's buffers.
 const MAX_PENDING_TO_GUEST: usize = 64 << 10;
 
@@ -276,12 +279,18 @@ impl Console {
                 };
                 let head = chain.head_index();
                 match queue::reader(&chain, mem) {
+                    Ok(r) if r.available_bytes() > MAX_TX_CHAIN => {
+                        warn!(
+                            len = r.available_bytes(),
+                            "console tx chain too long: dropped"
+                        );
+                    }
                     Ok(mut r) => {
-                        let mut buf = Vec::with_capacity(r.available_bytes());
-                        if let Err(e) = r.read_to_end(&mut buf) {
-                            warn!(%e, "reading guest console output");
+                        let mut buf = vec![0u8; r.available_bytes()];
+                        match r.read_exact(&mut buf) {
+                            Ok(()) => self.to_host.extend(buf),
+                            Err(e) => warn!(%e, "reading guest console output"),
                         }
-                        self.to_host.extend(buf);
                     }
                     Err(e) => warn!(%e, "bad console tx chain"),
                 }
@@ -748,6 +757,17 @@ mod tests {
         dev.queue_notify(CTRL_TX);
         assert_eq!(ctrl_tx.used().idx().load(), 3, "every chain is returned");
         assert_eq!(dev.ctrl_out.len(), 1, "the good message was handled");
+        // Output chains whose descriptors each span all of guest memory are dropped, not
+        // allocated for.
+        let port_tx = MockSplitQueue::create(&m, GuestAddress(mocks[PORT_TX].base), 16);
+        let whole: Vec<RawDescriptor> = (0..8u16)
+            .map(|i| RawDescriptor::from(SplitDescriptor::new(0, 1 << 20, 1, i + 1)))
+            .chain(std::iter::once(desc(0, 1 << 20, false)))
+            .collect();
+        port_tx.add_desc_chains(&whole, 0).unwrap();
+        dev.queue_notify(PORT_TX);
+        assert_eq!(port_tx.used().idx().load(), 1);
+        assert!(dev.to_host.is_empty());
         // A wild avail index is an error of the queue, not a hang or panic.
         ctrl_tx.avail().idx().store(0x8000);
         dev.queue_notify(CTRL_TX);
