@@ -470,3 +470,64 @@ async fn pod_pid_namespace_containers_get_their_own_cgroups_whatever_their_pid()
     teardown(&mut rt, &pod).await;
     w.agent.assert_no_leaks();
 }
+
+/// AppArmor where the host has none (this one): RuntimeDefault and Unconfined run
+/// unconfined; a Localhost profile cannot be honoured and is refused naming it.
+#[tokio::test]
+async fn apparmor_profiles_without_apparmor_on_the_host() {
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false);
+    assert!(
+        !enabled,
+        "this test covers hosts without AppArmor; the unit tests in isola-container cover the rest"
+    );
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let pc = w.pod("aa");
+    let pod = run_pod(&mut rt, pc.clone(), "").await.expect("pod");
+    let with = |name: &str, kind: cri::security_profile::ProfileType, r: &str| {
+        let mut c = w.sh(name, "cat /proc/self/attr/current 2>/dev/null; echo ran");
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                apparmor: Some(cri::SecurityProfile {
+                    profile_type: kind as i32,
+                    localhost_ref: r.into(),
+                }),
+                ..Default::default()
+            }),
+            resources: None,
+        });
+        c
+    };
+    use cri::security_profile::ProfileType;
+    let a = run(
+        &mut rt,
+        &pod,
+        &pc,
+        with("rd", ProfileType::RuntimeDefault, ""),
+    )
+    .await;
+    let b = run(&mut rt, &pod, &pc, with("un", ProfileType::Unconfined, "")).await;
+    for id in [&a, &b] {
+        let st = wait_exit(&mut rt, id, std::time::Duration::from_secs(20)).await;
+        assert_eq!(st.exit_code, 0, "{st:?}");
+    }
+    let err = create(
+        &mut rt,
+        &pod,
+        &pc,
+        with("lh", ProfileType::Localhost, "my-profile"),
+    )
+    .await
+    .expect_err("localhost without apparmor");
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("my-profile"), "{}", err.message());
+    teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+}

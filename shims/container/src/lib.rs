@@ -3,6 +3,7 @@
 //! ([`spec`]), which youki's libcontainer runs ([`runner`]); stdout and stderr go to
 //! the CRI log format ([`logs`]); [`cgroups`] reads usage and OOM kills.
 
+pub mod apparmor;
 pub mod cgroups;
 pub mod logs;
 pub mod mounts;

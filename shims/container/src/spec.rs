@@ -26,6 +26,9 @@ pub enum SpecError {
     /// A seccomp profile could not be loaded.
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    /// An AppArmor profile cannot be applied here.
+    #[error(transparent)]
+    AppArmor(#[from] crate::apparmor::AppArmorError),
     /// The assembled spec is not a valid OCI spec (a bug).
     #[error("assembled OCI spec does not validate: {0}")]
     Oci(String),
@@ -915,6 +918,10 @@ pub fn generate(
     let mut process = process;
     if sc.no_new_privs {
         process["noNewPrivileges"] = json!(true);
+    }
+    if let Some(profile) = crate::apparmor::profile(&sc, &crate::apparmor::HostAppArmor::detect())?
+    {
+        process["apparmorProfile"] = json!(profile);
     }
     let spec = json!({
         "ociVersion": "1.0.2",
