@@ -154,15 +154,19 @@ pub fn serve(port: File, req: &ServeShimRequest) -> io::Result<()> {
             tokio_stream::once(Ok::<_, io::Error>(io)),
             tokio_stream::pending(),
         );
-        tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .add_service(ShimServer::new(shim))
-            .serve_with_incoming_shutdown(incoming, async move {
+            .serve_with_incoming(incoming);
+        // A graceful shutdown would wait for the host to close its connection, which it
+        // keeps until the VM is gone: after the Shutdown answer has gone out, just stop
+        // serving (the caller powers off).
+        tokio::select! {
+            r = serve => r.map_err(io::Error::other),
+            _ = async {
                 let _ = rx.wait_for(|s| *s).await;
-                // Let the Shutdown answer reach the host before the connection closes.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            })
-            .await
-            .map_err(io::Error::other)
+            } => Ok(()),
+        }
     });
     tracing::info!(?result, "guest shim done");
     rt.shutdown_timeout(Duration::from_millis(100));

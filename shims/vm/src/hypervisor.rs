@@ -33,6 +33,10 @@ pub struct VmConfig {
     pub qemu_binary: PathBuf,
     /// The virtiofsd binary, used when a [`Device::Fs`] is added.
     pub virtiofsd_binary: PathBuf,
+    /// QEMU's TCG translation cache in MiB (only without hardware virtualisation): host
+    /// memory per VM against start-up and exec speed (16 MiB: ≈38 MiB less per pod than
+    /// QEMU's default, ≈0.4 s slower pod start under TCG).
+    pub tcg_tb_mib: u32,
 }
 
 impl VmConfig {
@@ -49,6 +53,7 @@ impl VmConfig {
             acpi: false,
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: crate::virtiofsd::default_binary(),
+            tcg_tb_mib: 16,
         }
     }
 }

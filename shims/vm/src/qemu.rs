@@ -113,9 +113,9 @@ impl QemuVm {
             "-accel".into(),
             match self.accel() {
                 Accel::Kvm => "kvm".into(),
-                // TCG's translation cache grows to 1 GiB by default; 32 MiB holds a
-                // container guest's hot code, and every MiB of it is host memory.
-                Accel::Tcg => "tcg,tb-size=16".into(),
+                // TCG's translation cache grows to 1 GiB by default, and every MiB of
+                // it is host memory: capped by the class (16 MiB by default).
+                Accel::Tcg => format!("tcg,tb-size={}", self.config.tcg_tb_mib.max(1)),
             },
         ];
         if self.accel() == Accel::Kvm {

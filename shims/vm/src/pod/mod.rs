@@ -323,6 +323,7 @@ impl VmShim {
         vm_config.extra_cmdline = settings.kernel_params.clone();
         vm_config.qemu_binary = settings.qemu_binary.clone();
         vm_config.virtiofsd_binary = settings.virtiofsd_binary.clone();
+        vm_config.tcg_tb_mib = settings.tcg_tb_mib;
         let (interface, tap) = match network {
             Some((iface, tap)) => (Some(iface.guest_request()), Some((tap, iface.mac))),
             None => (None, None),

@@ -28,6 +28,9 @@ pub struct VmSettings {
     pub virtiofsd_binary: PathBuf,
     /// Seconds the guest gets to power off before the VMM is killed.
     pub shutdown_grace_seconds: u64,
+    /// QEMU's TCG translation cache in MiB, where QEMU runs without hardware
+    /// virtualisation: memory per pod against start-up and exec speed.
+    pub tcg_tb_mib: u32,
 }
 
 impl Default for VmSettings {
@@ -42,6 +45,7 @@ impl Default for VmSettings {
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: crate::virtiofsd::default_binary(),
             shutdown_grace_seconds: 5,
+            tcg_tb_mib: 16,
         }
     }
 }
