@@ -325,6 +325,20 @@ impl Runtime {
             match shim::connect(&rec).await {
                 Ok(s) => {
                     info!(pod = %sb.id, pid = rec.pid, "reconnected to shim");
+                    // A vm pod's VM may have died while the agent was down: the shim
+                    // lives on and says so.
+                    let stopped =
+                        s.hello.sandbox.as_ref().filter(|st| {
+                            st.state == isola_proto::shim::SandboxState::NotReady as i32
+                        });
+                    if let (Some(st), SandboxState::Ready) = (stopped, sb.state) {
+                        warn!(pod = %sb.id, reason = %st.reason, "the pod's sandbox stopped while the agent was down");
+                        sb.state = SandboxState::NotReady;
+                        sb.reason = format!("SandboxStopped: {}", st.reason);
+                        if let Err(e) = self.records.put_sandbox(sb.clone()).await {
+                            warn!(pod = %sb.id, error = %e, "recording the sandbox's stop");
+                        }
+                    }
                     self.adopt_shim(&sb.id, s.client, rec);
                 }
                 Err(e) => {

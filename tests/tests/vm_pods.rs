@@ -406,7 +406,7 @@ async fn native_and_vm_pods_talk_to_each_other() {
 
 #[tokio::test]
 async fn a_dead_vm_makes_the_pod_notready_and_its_containers_exited() {
-    let w = World::start().await;
+    let mut w = World::start().await;
     let mut rt = w.rt().await;
     let pc = w.pod("dies");
     let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
@@ -447,6 +447,31 @@ async fn a_dead_vm_makes_the_pod_notready_and_its_containers_exited() {
         matches!(err.code(), Code::FailedPrecondition | Code::Unavailable),
         "{err:?}"
     );
+    teardown(&mut rt, &pod).await;
+
+    // The same while isolad is down: after its restart the pod is NOTREADY and the
+    // container EXITED with the VM's reason.
+    let pc = w.pod("dies-later");
+    let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
+    let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
+    let d = details(&mut rt, &pod).await;
+    let vmm: i32 = d["vmmPid"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .expect("vmm pid");
+    w.agent.kill9();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), Signal::SIGKILL).expect("kill vmm");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.agent.restart().await;
+    let mut rt = w.rt().await;
+    let st = pod_status(&mut rt, &pod, false)
+        .await
+        .expect("status")
+        .status
+        .expect("body");
+    assert_eq!(st.state, NOTREADY, "{st:?}");
+    let st = wait_exit(&mut rt, &id, Duration::from_secs(20)).await;
+    assert_eq!(st.reason, "VMExited", "{st:?}");
     teardown(&mut rt, &pod).await;
     w.agent.assert_no_leaks();
 }
