@@ -1,8 +1,8 @@
 //! The builtin backend of the hypervisor layer (`isola_vm::builtin`, which runs
 //! `isola-vmm` as a child) driven through the `Hypervisor` trait, as the VM shim drives
 //! it: start with a virtio-fs share, agent hello and a file read over the shim's own
-//! `AgentClient`, shutdown → a clean exit; then a guest that panics at boot →
-//! `VmError::GuestPanic`. The nested rig runs it inside L1 (tests/nested.rs).
+//! `AgentClient`, shutdown → a clean exit; a VM stopped by the shim; then a guest that
+//! panics at boot → `VmError::GuestPanic`. The nested rig runs it inside L1 (tests/nested.rs).
 //!
 //! Usage: builtin_smoke KERNEL INITRAMFS WORK_DIR (isola-vmm on PATH or in $ISOLA_VMM).
 
@@ -59,6 +59,19 @@ fn main() -> anyhow::Result<()> {
     agent.shutdown().context("shutdown")?;
     let exit = vm.wait(Some(Duration::from_secs(60))).context("wait")?;
     println!("builtin: poweroff {}", exit.status);
+
+    // The shim stops a running VM: the VMM is ended, nothing is left.
+    let config = VmConfig::new("smoke-stop", kernel, initramfs, &work.join("run-stop"));
+    let mut vm = isola_vm::new_hypervisor(selection(), config)?;
+    vm.start().context("start the VM to stop")?;
+    let mut agent = vm.agent()?;
+    agent.set_timeout(Duration::from_secs(60));
+    agent.hello().context("hello before stop")?;
+    let exit = vm.stop(Duration::from_secs(5)).context("stop")?;
+    if !vm.pids().is_empty() || work.join("run-stop/agent.sock").exists() {
+        bail!("stop left the VMM or its socket behind");
+    }
+    println!("builtin: stopped {}", exit.status);
 
     let mut config = VmConfig::new("smoke-panic", kernel, initramfs, &work.join("run-panic"));
     config.extra_cmdline = "rdinit=/nonexistent init=/nonexistent".into();

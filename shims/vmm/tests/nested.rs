@@ -167,6 +167,7 @@ fn isola_vmm_boots_the_guest_in_the_nested_rig() {
         "builtin: hello ok",
         "builtin: fs ok",
         "builtin: poweroff exit status: 0",
+        "builtin: stopped signal: 15",
         "builtin: panic detected: Kernel panic - not syncing",
     ] {
         assert!(builtin.contains(line), "no {line:?} in:\n{builtin}");
