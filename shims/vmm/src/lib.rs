@@ -9,6 +9,8 @@
 //! * [`seccomp`]: the allow-lists of each thread kind;
 //! * [`selftest`]: a client of the guest agent for the `--selftest` mode.
 
+#![warn(missing_docs)]
+
 pub mod arch;
 pub mod config;
 pub mod devices;
