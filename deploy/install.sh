@@ -2,7 +2,7 @@
 # Builds, installs and starts isolad with the native and vm runtime classes, on a fresh
 # Debian 12 machine, as root. Idempotent: run it again to upgrade.
 #
-#   binaries        /usr/local/bin/{isolad,isola-shim-native,isola-shim-vm}
+#   binaries        /usr/local/bin/{isolad,isola-shim-native,isola-shim-vm,isola-vmm}
 #   config          /etc/isola/config.toml (written once from `isolad config default`)
 #   runtime classes embedded; overrides in /etc/isola/runtime-classes/*.toml
 #   RuntimeClass manifests  /usr/share/isola/runtime-classes/*.yaml (kubectl apply -f)
@@ -19,7 +19,7 @@ log() { echo "install: $*" >&2; }
 "$repo/deploy/deps.sh" build
 
 log "building (release)"
-(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native -p isola-vm)
+(cd "$repo" && cargo build --release --quiet -p isola-agent -p isola-shim-native -p isola-vm -p isola-vmm)
 target="${CARGO_TARGET_DIR:-$repo/target}/release"
 
 if [[ -x "$repo/deploy/guest/build-assets.sh" && "${ISOLA_SKIP_GUEST:-0}" != 1 ]]; then
@@ -37,7 +37,7 @@ elif [[ -f /run/isola/isolad.pid ]] && kill -0 "$(cat /run/isola/isolad.pid)" 2>
 fi
 
 install -d /usr/local/bin /etc/isola/runtime-classes /usr/share/isola/runtime-classes
-for b in isolad isola-shim-native isola-shim-vm; do
+for b in isolad isola-shim-native isola-shim-vm isola-vmm; do
     [[ -x "$target/$b" ]] && install -m 0755 "$target/$b" "/usr/local/bin/$b.new" &&
         mv -f "/usr/local/bin/$b.new" "/usr/local/bin/$b"
 done
