@@ -276,6 +276,22 @@ impl BuiltinVm {
     }
 }
 
+/// The child pids of every thread of `pid` (/proc/PID/task/TID/children).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
     if path.is_file() {
         Ok(())
@@ -363,7 +379,15 @@ impl Hypervisor for BuiltinVm {
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.vmm.iter().map(Child::id).collect()
+        // The VMM and what it started: virtiofsd for --fs shares (and its sandboxed
+        // worker), so that the shim can account for and confine all of them.
+        let mut pids: Vec<u32> = self.vmm.iter().map(Child::id).collect();
+        let mut i = 0;
+        while i < pids.len() && pids.len() < 64 {
+            pids.extend(children(pids[i]));
+            i += 1;
+        }
+        pids
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> Result<VmExit, VmError> {
@@ -484,6 +508,14 @@ mod tests {
             read_only: false,
         });
         assert!(missing.is_err());
+    }
+
+    #[test]
+    fn lists_children_of_a_process() {
+        let mut child = Command::new("sleep").arg("5").spawn().unwrap();
+        assert!(children(std::process::id()).contains(&child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

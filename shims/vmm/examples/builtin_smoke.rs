@@ -42,6 +42,9 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_millis(),
         vm.pids()
     );
+    if vm.pids().len() < 2 {
+        bail!("virtiofsd is not among the VM's pids {:?}", vm.pids());
+    }
     agent
         .mount(isola_proto::guest::MountRequest {
             source: "share".into(),
