@@ -190,7 +190,10 @@ mod tests {
             enabled: true,
             loaded: vec![],
         };
-        assert_eq!(profile(&sc(None), &bare).expect("unset, nothing loaded"), None);
+        assert_eq!(
+            profile(&sc(None), &bare).expect("unset, nothing loaded"),
+            None
+        );
         let e = profile(&sc(Some((ProfileType::RuntimeDefault, ""))), &bare)
             .expect_err("default missing");
         assert!(e.to_string().contains("isola-default"), "{e}");
