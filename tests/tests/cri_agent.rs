@@ -631,19 +631,35 @@ async fn malformed_requests_are_invalid_argument() {
 
 #[tokio::test]
 async fn unbuilt_capabilities_answer_unimplemented() {
-    let agent = Agent::start().await;
+    let mut agent = Agent::start().await;
     let mut rt = agent.runtime().await;
     let err = rt
         .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
         .await
         .expect_err("metrics");
     assert_eq!(err.code(), Code::Unimplemented);
-    // The vm shim is not installed: RunPodSandbox says so and leaves nothing.
-    let err = run_pod(&mut rt, pod_config("vm"), "vm")
+    // A vm class whose guest kernel is missing: RunPodSandbox says what is missing and
+    // leaves nothing behind.
+    let class = include_str!("../../runtime-classes/vm.toml")
+        .replace("handler = \"vm\"", "handler = \"vmbroken\"")
+        .replace("/usr/share/isola/guest/vmlinux", "/nonexistent/vmlinux");
+    std::fs::write(
+        agent.dir().join("runtime-classes").join("vmbroken.toml"),
+        class,
+    )
+    .expect("class file");
+    agent.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    agent.restart().await;
+    let mut rt = agent.runtime().await;
+    let err = run_pod(&mut rt, pod_config("vm"), "vmbroken")
         .await
-        .expect_err("vm");
-    assert_eq!(err.code(), Code::Unimplemented, "{}", err.message());
-    assert!(err.message().contains("isola-shim-vm"), "{}", err.message());
+        .expect_err("vm without a kernel");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message().contains("/nonexistent/vmlinux"),
+        "{}",
+        err.message()
+    );
     assert!(list(&mut rt, None).await.is_empty());
     agent.assert_no_leaks();
 }

@@ -340,12 +340,15 @@ impl VmShim {
                 log_filter: std::env::var("ISOLA_GUEST_LOG").unwrap_or_else(|_| "info".into()),
             },
         };
-        let booted = self
-            .inner
-            .vm
-            .boot(plan)
-            .await
-            .map_err(|e| Status::internal(format!("booting the pod's VM: {e}")))?;
+        let booted = self.inner.vm.boot(plan).await.map_err(|e| match e {
+            // The node is not set up for vm pods: say what is missing.
+            crate::VmError::MissingAsset { .. }
+            | crate::VmError::MissingBinary { .. }
+            | crate::VmError::Select(_) => {
+                Status::failed_precondition(format!("booting the pod's VM: {e}"))
+            }
+            other => Status::internal(format!("booting the pod's VM: {other}")),
+        })?;
         let mut stream = Some(booted.stream);
         stream
             .as_ref()
