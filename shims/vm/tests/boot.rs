@@ -159,22 +159,27 @@ fn missing_kernel_or_initramfs_fails_before_anything_starts() {
 }
 
 #[test]
-fn builtin_vmm_is_refused_clearly() {
-    let (kernel, initramfs) = assets();
-    let dir = tempfile::tempdir().unwrap();
-    let sel = isola_vm::select(
-        isola_vm::HypervisorChoice::Qemu,
-        isola_vm::select::HostVirt::detect(),
-    )
-    .unwrap();
-    eprintln!("selection here: {} ({})", sel.backend, sel.reason);
-    let err = isola_vm::select(
-        isola_vm::HypervisorChoice::Builtin,
-        isola_vm::select::HostVirt::detect(),
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("builtin VMM not available yet"));
-    let _ = (kernel, initramfs, dir);
+fn builtin_vmm_selection_says_why() {
+    let host = isola_vm::select::HostVirt::detect();
+    let hw = host.hw_flag.is_some();
+    // "auto": isola's own VMM only with vmx/svm; QEMU (TCG here) otherwise.
+    let auto =
+        isola_vm::select(isola_vm::HypervisorChoice::Auto, host).expect("auto selects a backend");
+    eprintln!("auto here: {} ({})", auto.backend, auto.reason);
+    assert_eq!(
+        matches!(auto.backend, isola_vm::Backend::Builtin),
+        hw && host.dev_kvm,
+        "{}",
+        auto.reason
+    );
+    // "builtin" asked for explicitly is honoured, and the reason says when the CPU lacks
+    // vmx/svm.
+    let builtin =
+        isola_vm::select(isola_vm::HypervisorChoice::Builtin, host).expect("builtin selection");
+    assert!(matches!(builtin.backend, isola_vm::Backend::Builtin));
+    if !hw {
+        assert!(builtin.reason.contains("vmx/svm"), "{}", builtin.reason);
+    }
 }
 
 #[test]
