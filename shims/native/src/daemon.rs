@@ -75,3 +75,85 @@ pub fn daemonize(socket: &Path) -> anyhow::Result<Daemon> {
         }
     }
 }
+
+/// How a shim binary was started (the flags both shims take from the agent).
+pub struct ShimArgs<'a> {
+    /// The pod sandbox id.
+    pub id: &'a str,
+    /// The socket the daemon listens on (removed on exit).
+    pub socket: &'a Path,
+    /// The shim's log file.
+    pub log_file: &'a Path,
+    /// "text" or "json".
+    pub log_format: &'a str,
+    /// Names the runtime's threads.
+    pub thread_name: &'static str,
+}
+
+/// Logs to the shim's file, runs the shim API built by `make` on the daemon's socket
+/// until the service sets its shutdown flag, and removes the socket. Shared by
+/// `isola-shim-native` and `isola-shim-vm`.
+pub fn serve<S, F>(mut d: Daemon, args: ShimArgs<'_>, make: F) -> anyhow::Result<()>
+where
+    S: isola_proto::shim::shim_server::Shim,
+    F: FnOnce(tokio::sync::watch::Sender<bool>) -> anyhow::Result<S>,
+{
+    use std::time::Duration;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.log_file)
+        .with_context(|| format!("opening {}", args.log_file.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ISOLA_SHIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(log));
+    if args.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name(args.thread_name)
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(async move {
+        d.listener
+            .set_nonblocking(true)
+            .context("socket non-blocking")?;
+        let listener = tokio::net::UnixListener::from_std(d.listener.try_clone()?)
+            .context("adopting the socket")?;
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let mut stopped = rx.clone();
+        let shim = make(tx)?;
+        d.ready()?;
+        tracing::info!(pod = %args.id, pid = std::process::id(), "shim serving");
+        let serve = tonic::transport::Server::builder()
+            .add_service(isola_proto::shim::shim_server::ShimServer::new(shim))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                    // Let the Shutdown answer reach the agent before connections close.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                },
+            );
+        tokio::select! {
+            r = serve => r.context("serving"),
+            // Open streams (events) must not keep a shim that was told to go alive.
+            _ = async {
+                let _ = stopped.wait_for(|s| *s).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            } => Ok(()),
+        }
+    });
+    let _ = std::fs::remove_file(args.socket);
+    tracing::info!("shim exiting");
+    // Exit directly: lingering runtime tasks (open streams) must not keep us alive.
+    rt.shutdown_timeout(Duration::from_millis(100));
+    result
+}

@@ -1,14 +1,9 @@
 //! `isola-shim-native`: parses flags, daemonises, serves the shim API for one pod.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
-use isola_proto::shim::shim_server::ShimServer;
 use isola_shim_native::{daemon, service::NativeShim};
-use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 /// The shim of one native pod. Started by isolad, not by hand.
 #[derive(Parser, Debug)]
@@ -40,66 +35,19 @@ fn main() -> anyhow::Result<()> {
         isola_shim_native::forker::helper_main(&args[2..]);
     }
     let cli = Cli::parse();
-    let mut d = daemon::daemonize(&cli.socket)?;
+    let d = daemon::daemonize(&cli.socket)?;
     // Container processes are re-parented to the shim when the libcontainer helper that
     // started them exits (see forker).
     isola_shim_native::forker::become_subreaper();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&cli.log_file)
-        .with_context(|| format!("opening {}", cli.log_file.display()))?;
-    let filter =
-        EnvFilter::try_from_env("ISOLA_SHIM_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(log));
-    if cli.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("shim")
-        .build()
-        .context("starting the async runtime")?;
-    let socket = cli.socket.clone();
-    let result = rt.block_on(async move {
-        d.listener
-            .set_nonblocking(true)
-            .context("socket non-blocking")?;
-        let listener = tokio::net::UnixListener::from_std(d.listener.try_clone()?)
-            .context("adopting the socket")?;
-        let (tx, mut rx) = watch::channel(false);
-        let mut stopped = rx.clone();
-        let shim = NativeShim::new(cli.id.clone(), cli.state_dir.clone(), tx);
-        d.ready()?;
-        tracing::info!(pod = %cli.id, pid = std::process::id(), "shim serving");
-        let serve = tonic::transport::Server::builder()
-            .add_service(ShimServer::new(shim))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-                async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                    // Let the Shutdown answer reach the agent before connections close.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                },
-            );
-        tokio::select! {
-            r = serve => r.context("serving"),
-            // Open streams (events) must not keep a shim that was told to go alive.
-            _ = async {
-                let _ = stopped.wait_for(|s| *s).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            } => Ok(()),
-        }
-    });
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("shim exiting");
-    // Exit directly: lingering runtime tasks (open streams) must not keep us alive.
-    rt.shutdown_timeout(Duration::from_millis(100));
-    result
+    daemon::serve(
+        d,
+        daemon::ShimArgs {
+            id: &cli.id,
+            socket: &cli.socket,
+            log_file: &cli.log_file,
+            log_format: &cli.log_format,
+            thread_name: "shim",
+        },
+        |tx| Ok(NativeShim::new(cli.id.clone(), cli.state_dir.clone(), tx)),
+    )
 }

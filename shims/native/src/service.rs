@@ -156,6 +156,22 @@ async fn first_start(
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// A shim's Events stream: what `events` carries from now on, ending when the shim is
+/// told to shut down (an open stream would otherwise hold the graceful shutdown, and
+/// StopPodSandbox, until its grace period ran out). Shared with the vm shim.
+pub fn events_until_shutdown(
+    events: &broadcast::Sender<Event>,
+    shutdown: &watch::Sender<bool>,
+) -> Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send + 'static>> {
+    let mut stop = shutdown.subscribe();
+    let stream = tokio_stream::wrappers::BroadcastStream::new(events.subscribe())
+        .filter_map(|e| async move { e.ok().map(Ok) })
+        .take_until(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    Box::pin(stream)
+}
+
 #[tonic::async_trait]
 impl Shim for NativeShim {
     async fn hello(
@@ -509,16 +525,10 @@ impl Shim for NativeShim {
         &self,
         _r: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        let rx = self.inner.events.subscribe();
-        // The stream ends when the shim is told to shut down: an open stream would hold
-        // the graceful shutdown (and StopPodSandbox) until its grace period ran out.
-        let mut stop = self.inner.shutdown.subscribe();
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(|e| async move { e.ok().map(Ok) })
-            .take_until(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(events_until_shutdown(
+            &self.inner.events,
+            &self.inner.shutdown,
+        )))
     }
 
     #[instrument(skip_all, fields(pod = %self.inner.sandbox_id))]

@@ -853,14 +853,12 @@ impl Shim for VmShim {
         &self,
         _r: Request<EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        let rx = self.inner.events.subscribe();
-        let mut stop = self.inner.shutdown.subscribe();
-        let stream = tokio_stream::wrappers::BroadcastStream::new(rx)
-            .filter_map(|e| async move { e.ok().map(Ok) })
-            .take_until(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(
+            isola_shim_native::service::events_until_shutdown(
+                &self.inner.events,
+                &self.inner.shutdown,
+            ),
+        ))
     }
 
     #[instrument(skip_all, fields(pod = %self.inner.sandbox_id))]
