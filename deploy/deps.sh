@@ -7,8 +7,10 @@ what="${1:-build}"
 build=(build-essential pkg-config protobuf-compiler libseccomp-dev libcap-ng-dev)
 # Runtime: iproute2/iptables for pod networks; the CNI plugins; QEMU for vm pods.
 runtime=(iproute2 iptables containernetworking-plugins qemu-system-x86)
-# Tests: a real registry, busybox to build images from, htpasswd for registry auth.
-tests=(docker-registry busybox-static apache2-utils openssl)
+# Tests: a real registry, busybox to build images from, htpasswd for registry auth;
+# apparmor (apparmor_parser) and dbus, which the L1 rig (tests/tests/systemd_apparmor.rs)
+# runs from the host's own root file system inside L1.
+tests=(docker-registry busybox-static apache2-utils openssl apparmor dbus)
 pkgs=("${build[@]}")
 case "$what" in
     build) pkgs+=("${runtime[@]}") ;;

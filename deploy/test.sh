@@ -25,7 +25,9 @@ fi
 # This host's /dev/kvm cannot run Linux; shims/vmm/tests/nested.rs runs isola-vmm inside
 # an L1 guest (QEMU TCG, Debian's cloud kernel with kvm-amd). prepare.sh installs QEMU,
 # that kernel, busybox-static, cpio and e2fsprogs if missing (the test itself runs with
-# `cargo test --workspace` below, ≈30-60 s).
+# `cargo test --workspace` below, ≈30-60 s). The same kernel, QEMU, busybox, cpio and
+# virtiofsd boot the L1 machine with systemd, cgroup v2 and AppArmor in which
+# tests/tests/systemd_apparmor.rs runs the systemd cgroup driver and AppArmor (≈5 min).
 log "isola-vmm rig prerequisites ($(($(date +%s) - start))s)"
 "$repo/shims/vmm/rig/prepare.sh"
 # ---- end isola-vmm ----

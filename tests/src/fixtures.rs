@@ -17,6 +17,14 @@ const APPLETS: &[&str] = &[
 /// A one-layer busybox image: /bin/busybox and applet links, /etc/passwd with `web`
 /// (1000), /tmp; config Env and Cmd as given.
 pub fn busybox_image(config: serde_json::Value) -> anyhow::Result<ImageSpec> {
+    busybox_image_compressed(config, Compression::Gzip)
+}
+
+/// [`busybox_image`] with its layer compressed as given.
+pub fn busybox_image_compressed(
+    config: serde_json::Value,
+    compression: Compression,
+) -> anyhow::Result<ImageSpec> {
     let mut t = Tar::new()
         .dir("bin", 0o755)
         .dir("etc", 0o755)
@@ -37,7 +45,7 @@ pub fn busybox_image(config: serde_json::Value) -> anyhow::Result<ImageSpec> {
     for a in APPLETS {
         t = t.symlink(&format!("bin/{a}"), "busybox");
     }
-    let mut spec = ImageSpec::new(vec![(t.finish(), Compression::Gzip)]);
+    let mut spec = ImageSpec::new(vec![(t.finish(), compression)]);
     spec.config = config;
     Ok(spec)
 }
@@ -60,6 +68,54 @@ pub struct World {
 impl World {
     /// Starts a registry and an agent, pushes and pulls the images.
     pub async fn start() -> World {
+        World::start_with("").await
+    }
+
+    /// A world with `busybox:latest` only, its layer zstd-compressed (zstd is C code, fast
+    /// even in a debug build, unlike gzip here), and `config` (TOML) added to the agent's
+    /// config: for slow machines (the L1 rig runs under TCG). `entry_image` is the plain
+    /// one.
+    pub async fn start_lean(config: &str) -> World {
+        let registry = Registry::start().expect("registry");
+        let plain = busybox_image_compressed(
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}),
+            Compression::Zstd,
+        )
+        .expect("image");
+        registry
+            .push_image("busybox", "latest", &plain)
+            .expect("push");
+        let agent = Agent::start_with(AgentOptions {
+            config: format!(
+                "{config}\n[registry]\ninsecure_registries = [{:?}]\n",
+                registry.addr
+            ),
+        })
+        .await;
+        let image = registry.image("busybox", "latest");
+        agent
+            .images()
+            .await
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("pull");
+        World {
+            registry,
+            agent,
+            entry_image: image.clone(),
+            image,
+            logs: tempfile::tempdir().expect("logs"),
+        }
+    }
+
+    /// As [`World::start`], with `config` (TOML) added to the agent's config.
+    pub async fn start_with(config: &str) -> World {
         let registry = Registry::start().expect("registry");
         let plain = busybox_image(serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}))
             .expect("image");
@@ -77,7 +133,10 @@ impl World {
             .push_image("busybox", "entry", &entry)
             .expect("push");
         let agent = Agent::start_with(AgentOptions {
-            config: format!("[registry]\ninsecure_registries = [{:?}]\n", registry.addr),
+            config: format!(
+                "{config}\n[registry]\ninsecure_registries = [{:?}]\n",
+                registry.addr
+            ),
         })
         .await;
         let image = registry.image("busybox", "latest");

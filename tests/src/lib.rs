@@ -14,6 +14,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod fixtures;
+pub mod l1;
 pub mod registry;
 pub mod streaming_client;
 
