@@ -10,6 +10,7 @@ use tracing::Span;
 
 use super::CriError;
 use crate::classes::ShimKind;
+use crate::config::CgroupDriver;
 use crate::ids::new_id;
 use crate::records::{sandbox_name, SandboxRecord, SandboxState};
 use crate::rollback::Rollback;
@@ -66,6 +67,36 @@ pub fn validate(req: &cri::RunPodSandboxRequest) -> Result<&cri::PodSandboxConfi
     Ok(config)
 }
 
+/// Checks the pod's cgroup parent against the configured cgroup driver (kubelet and the
+/// runtime must agree, as kubelet's `--cgroup-driver` and containerd's `SystemdCgroup`
+/// do) and returns the parent to use: under the systemd driver a pod without one goes
+/// in system.slice (as CRI-O's default), under cgroupfs isola makes its own.
+pub fn cgroup_parent(
+    config: &cri::PodSandboxConfig,
+    driver: CgroupDriver,
+) -> Result<String, CriError> {
+    let parent = config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.as_str())
+        .unwrap_or_default();
+    match driver {
+        CgroupDriver::Systemd if parent.is_empty() => Ok("system.slice".into()),
+        CgroupDriver::Systemd => {
+            isola_container::systemd::expand_slice(parent).map_err(|_| {
+                CriError::InvalidArgument(format!(
+                    "config.linux.cgroup_parent {parent:?}: isolad's cgroup_driver is systemd, which wants a slice name (kubepods-besteffort-pod<uid>.slice); a cgroupfs path means kubelet runs --cgroup-driver=cgroupfs: make them match"
+                ))
+            })?;
+            Ok(parent.to_owned())
+        }
+        CgroupDriver::Cgroupfs if parent.ends_with(".slice") => Err(CriError::InvalidArgument(format!(
+            "config.linux.cgroup_parent {parent:?} is a systemd slice but isolad's cgroup_driver is cgroupfs: set cgroup_driver = \"systemd\" in isolad's config to match kubelet's --cgroup-driver=systemd"
+        ))),
+        CgroupDriver::Cgroupfs => Ok(parent.to_owned()),
+    }
+}
+
 /// Refuses what a VM cannot honour, rather than silently running without it.
 fn validate_for_vm(config: &cri::PodSandboxConfig) -> Result<(), CriError> {
     let ns = config
@@ -91,7 +122,12 @@ impl Runtime {
         self: &Arc<Self>,
         req: cri::RunPodSandboxRequest,
     ) -> Result<cri::RunPodSandboxResponse, CriError> {
-        let config = validate(&req)?.clone();
+        let mut config = validate(&req)?.clone();
+        let parent = cgroup_parent(&config, self.config.cgroup_driver)?;
+        config
+            .linux
+            .get_or_insert_with(Default::default)
+            .cgroup_parent = parent;
         let class = self.classes.resolve(&req.runtime_handler)?.clone();
         if class.shim == ShimKind::Vm {
             validate_for_vm(&config)?;
@@ -330,5 +366,53 @@ impl Runtime {
             "pod network attached"
         );
         Ok((netns.display().to_string(), ips))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(parent: &str) -> cri::PodSandboxConfig {
+        cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: parent.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_cgroup_parent_must_fit_the_driver() {
+        use CgroupDriver::{Cgroupfs, Systemd};
+        let ok = |p: &str, d| cgroup_parent(&pod(p), d).expect(p);
+        assert_eq!(ok("", Systemd), "system.slice");
+        assert_eq!(
+            ok("kubepods-besteffort-pod1_2.slice", Systemd),
+            "kubepods-besteffort-pod1_2.slice"
+        );
+        assert_eq!(ok("", Cgroupfs), "");
+        assert_eq!(ok("/kubepods/pod1", Cgroupfs), "/kubepods/pod1");
+        assert_eq!(
+            cgroup_parent(&cri::PodSandboxConfig::default(), Systemd).unwrap(),
+            "system.slice"
+        );
+        for (p, d) in [
+            ("/kubepods/pod1", Systemd),
+            ("kube--pods.slice", Systemd),
+            ("a/b.slice", Systemd),
+            ("kubepods.slice", Cgroupfs),
+        ] {
+            match cgroup_parent(&pod(p), d) {
+                Err(CriError::InvalidArgument(m)) => {
+                    assert!(
+                        m.contains("cgroup_parent") && m.contains("cgroup_driver"),
+                        "{m}"
+                    )
+                }
+                other => panic!("{p} {d:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -356,3 +356,72 @@ pub fn enter(path: &str, pid: i32) -> Vec<String> {
     }
     failures
 }
+
+/// Counts the OOM kills of a cgroup v2 while it lives, from `memory.events`
+/// notifications (inotify), until `stop` is set or the cgroup is removed. Under the
+/// systemd driver the scope's cgroup is gone as soon as its last process is: reading
+/// `memory.events` after the container's exit would find nothing. Returns the latest
+/// count seen (0 on cgroup v1 or when the file cannot be watched).
+pub fn watch_oom_kills(
+    path: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::Ordering;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if !is_v2() {
+        return seen;
+    }
+    let file = Path::new(ROOT).join(rel(path)).join("memory.events");
+    let Ok(cpath) = std::ffi::CString::new(file.as_os_str().as_bytes()) else {
+        return seen;
+    };
+    // SAFETY: inotify_init1 takes flags only; the fd is owned below.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if fd < 0 {
+        return seen;
+    }
+    // SAFETY: fd is a valid inotify fd from above.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid fd and a NUL-terminated path.
+    let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), cpath.as_ptr(), libc::IN_MODIFY) };
+    if wd < 0 {
+        return seen;
+    }
+    let out = seen.clone();
+    let spawned = std::thread::Builder::new()
+        .name("oom-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                out.fetch_max(keyed(&file, "oom_kill"), Ordering::SeqCst);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, 1 s timeout.
+                let n = unsafe { libc::poll(&mut pfd, 1, 1000) };
+                if n > 0 {
+                    // SAFETY: reading into a buffer of the given length.
+                    let len =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if len > 0 {
+                        // IN_IGNORED: the watch is gone with the cgroup.
+                        let mask = u32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                        if mask & libc::IN_IGNORED != 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    if spawned.is_err() {
+        seen.store(0, Ordering::SeqCst);
+    }
+    seen
+}

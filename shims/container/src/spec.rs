@@ -702,7 +702,16 @@ pub fn generate(
         } else {
             &pod.cgroup_parent
         };
-        format!("{parent}:isola:{container_id}")
+        let unit = crate::systemd::spec_path(parent, container_id);
+        if crate::systemd::available() {
+            unit
+        } else {
+            // Without systemd managing the unified hierarchy (cgroup v1, or no systemd
+            // as PID 1) libcontainer cannot start a scope: the same cgroup, made
+            // directly (libcontainer's v1 manager would take `<slice>:isola:<id>` for a
+            // directory name).
+            crate::systemd::fs_path(&unit)
+        }
     } else {
         let parent = if pod.cgroup_parent.is_empty() {
             "/isola"
@@ -715,7 +724,7 @@ pub fn generate(
     // libcontainer's `cgroup` mount: that looks its parent up by pid in the host's /proc,
     // a pid of the pod's PID namespace, so it failed (no such host process) or read an
     // unrelated host process's cgroups.
-    let v1_cgroupfs = !opts.systemd_cgroup && !crate::cgroups::is_v2();
+    let v1_cgroupfs = !crate::cgroups::is_v2();
     if v1_cgroupfs {
         mounts.extend(cgroup_v1_mounts(
             &crate::cgroups::v1_hierarchies(),

@@ -99,8 +99,10 @@ pub struct Ctr {
     pub id: String,
     /// Its OCI bundle directory.
     pub bundle: PathBuf,
-    /// Its cgroup.
+    /// Its cgroup (a cgroupfs path, also under the systemd driver).
     pub cgroups_path: String,
+    /// The slice holding its scope `isola-<id>.scope`, under the systemd driver.
+    pub systemd_slice: Option<String>,
     /// Its stop signal.
     pub stop_signal: i32,
     log: Option<Arc<LogWriter>>,
@@ -506,7 +508,12 @@ impl Containers {
         let ctr = Arc::new(Ctr {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
-            cgroups_path: g.cgroups_path.clone(),
+            cgroups_path: isola_container::systemd::fs_path(&g.cgroups_path),
+            systemd_slice: g
+                .cgroups_path
+                .split_once(':')
+                .filter(|(slice, _)| slice.ends_with(".slice"))
+                .map(|(slice, _)| slice.to_owned()),
             stop_signal: g.stop_signal,
             log,
             status: Mutex::new(sp::ContainerStatus {
@@ -526,6 +533,8 @@ impl Containers {
         self.map().insert(id.to_owned(), ctr.clone());
         let waiter = ctr.clone();
         let events = self.events.clone();
+        let stop_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let oom_kills = cgroups::watch_oom_kills(&ctr.cgroups_path, stop_watch.clone());
         std::thread::Builder::new()
             .name(format!("wait-{}", &id[..12.min(id.len())]))
             .spawn(move || {
@@ -533,7 +542,10 @@ impl Containers {
                 for p in pumps {
                     let _ = p.join();
                 }
-                let ooms = cgroups::usage(&waiter.cgroups_path).oom_kills;
+                stop_watch.store(true, std::sync::atomic::Ordering::SeqCst);
+                let ooms = cgroups::usage(&waiter.cgroups_path)
+                    .oom_kills
+                    .max(oom_kills.load(std::sync::atomic::Ordering::SeqCst));
                 let reason = if ooms > 0 {
                     "OOMKilled"
                 } else if exit.code == 0 {

@@ -56,6 +56,8 @@ pub struct Sandbox {
     pub own_cgroups: Vec<String>,
     /// The shm tmpfs this shim mounted.
     pub shm_mount: Option<PathBuf>,
+    /// The infra process's systemd scope (slice, id), under the systemd driver.
+    pub infra_scope: Option<(String, String)>,
 }
 
 fn mode(
@@ -142,6 +144,7 @@ impl Sandbox {
             cgroup_parent: String::new(),
             own_cgroups: Vec::new(),
             shm_mount: None,
+            infra_scope: None,
         };
         match sb.build(
             sandbox_id,
@@ -312,18 +315,31 @@ impl Sandbox {
             .as_ref()
             .map(|l| l.cgroup_parent.clone())
             .unwrap_or_default();
-        if parent.is_empty() || parent.ends_with(".slice") {
+        if parent.is_empty() {
             let own = format!("/isola/{sandbox_id}");
             self.own_cgroups.push(own.clone());
-            self.cgroup_parent = if parent.is_empty() { own } else { parent };
+            self.cgroup_parent = own;
         } else {
             self.cgroup_parent = parent;
         }
         self.ctx.cgroup_parent = self.cgroup_parent.clone();
-        if self.infra_pid > 0 && !self.cgroup_parent.ends_with(".slice") {
+        let slice = self.cgroup_parent.ends_with(".slice");
+        if self.infra_pid > 0 && slice && isola_container::systemd::available() {
+            // The systemd driver: the infra process (the pod's pause) gets a scope in
+            // the pod's slice, as the containers do.
+            let cg = isola_container::systemd::start_scope(
+                &self.cgroup_parent,
+                sandbox_id,
+                self.infra_pid,
+            )
+            .map_err(|e| failed("placing the infra process in the pod slice", e))?;
+            info!(cgroup = %cg, "infra process in its systemd scope");
+            self.infra_scope = Some((self.cgroup_parent.clone(), sandbox_id.to_owned()));
+        } else if self.infra_pid > 0 {
+            // A slice without systemd managing cgroups (cgroup v1): its cgroupfs path.
             let infra_cg = format!(
                 "{}/infra-{}",
-                self.cgroup_parent.trim_end_matches('/'),
+                isola_container::systemd::fs_path(&self.cgroup_parent).trim_end_matches('/'),
                 &sandbox_id[..12.min(sandbox_id.len())]
             );
             for f in isola_container::cgroups::enter(&infra_cg, self.infra_pid) {
@@ -345,6 +361,11 @@ impl Sandbox {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some((slice, id)) = self.infra_scope.take() {
+            if let Err(e) = isola_container::systemd::stop_scope(&slice, &id) {
+                warn!(error = %e, "stopping the infra process's scope");
+            }
         }
         if let Some(shm) = self.shm_mount.take() {
             if let Err(e) = umount2(&shm, MntFlags::MNT_DETACH) {

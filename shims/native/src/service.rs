@@ -479,7 +479,7 @@ impl Shim for NativeShim {
                 })
                 .collect();
             StatsResponse {
-                sandbox: Some(cgroup_stats(&parent)),
+                sandbox: Some(cgroup_stats(&isola_container::systemd::fs_path(&parent))),
                 containers: list,
                 network: vec![],
             }
@@ -502,10 +502,17 @@ impl Shim for NativeShim {
             ));
         }
         let c = self.containers()?.get(&r.container_id)?;
-        let path = c.cgroups_path.clone();
-        blocking(move || isola_container::cgroups::update(&path, &res))
-            .await?
-            .map_err(|e| Status::internal(format!("updating cgroup: {e}")))?;
+        blocking(move || {
+            // Under the systemd driver systemd owns the scope's limits (and re-applies
+            // them on daemon-reload): tell it first, then write the cgroup as asked.
+            if let Some(slice) = &c.systemd_slice {
+                isola_container::systemd::update_scope(slice, &c.id, &res)
+                    .map_err(|e| e.to_string())?;
+            }
+            isola_container::cgroups::update(&c.cgroups_path, &res)
+        })
+        .await?
+        .map_err(|e| Status::internal(format!("updating cgroup: {e}")))?;
         Ok(Response::new(UpdateResourcesResponse {}))
     }
 
