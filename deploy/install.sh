@@ -53,11 +53,15 @@ if ! compgen -G '/etc/cni/net.d/*.conflist' >/dev/null && ! compgen -G '/etc/cni
 fi
 install -d /usr/share/doc/isola && install -m 0644 "$repo/README.md" /usr/share/doc/isola/
 # Where AppArmor is enabled, containers run under isola-default unless their pod asks for
-# another profile (or Unconfined): load it (apparmor_parser, Debian's apparmor package).
+# another profile (or Unconfined): load it (apparmor_parser, Debian's apparmor package),
+# and put it in /etc/apparmor.d so that apparmor.service loads it again at every boot.
 install -d /usr/share/isola/apparmor && install -m 0644 "$repo/deploy/apparmor/isola-default" /usr/share/isola/apparmor/
+if [[ -d /etc/apparmor.d ]]; then
+    install -m 0644 "$repo/deploy/apparmor/isola-default" /etc/apparmor.d/isola-default
+fi
 if [[ "$(cat /sys/module/apparmor/parameters/enabled 2>/dev/null)" == Y ]]; then
     if command -v apparmor_parser >/dev/null; then
-        apparmor_parser -r -W /usr/share/isola/apparmor/isola-default && log "loaded the isola-default AppArmor profile"
+        apparmor_parser -r -W /etc/apparmor.d/isola-default && log "loaded the isola-default AppArmor profile"
     else
         log "AppArmor is enabled but apparmor_parser is missing (apt-get install apparmor): RuntimeDefault containers will be refused until isola-default is loaded"
     fi

@@ -68,6 +68,19 @@ fn bundle_seccomp(bundle: &Path) -> Result<Option<LinuxSeccomp>, String> {
     Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
 }
 
+/// The AppArmor profile of the container with this bundle. libcontainer 0.7 builds an
+/// exec's process without it, so exec'd processes would run unconfined; runc confines
+/// them like the container's process.
+fn bundle_apparmor(bundle: &Path) -> Result<Option<String>, String> {
+    let spec = Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("reading {}/config.json: {e}", bundle.display()))?;
+    Ok(spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.apparmor_profile().clone())
+        .filter(|p| !p.is_empty()))
+}
+
 /// Errors from libcontainer, with what was being done.
 #[derive(Debug, thiserror::Error)]
 #[error("{action} container {id}: {detail}")]
@@ -210,8 +223,10 @@ impl Runner {
         if let Some(profile) = bundle_seccomp(bundle).map_err(|e| err("exec", id, e))? {
             b = b.with_executor(SeccompExecutor { profile });
         }
+        let apparmor = bundle_apparmor(bundle).map_err(|e| err("exec", id, e))?;
         let pid = b
             .as_tenant()
+            .with_apparmor(apparmor)
             .with_container_args(args)
             .with_env(env)
             .with_detach(true)
