@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds isola's microVM guest kernel from Debian's linux-source-6.1 with the config
 # fragment beside this script, and installs it (vmlinux for the PVH entry, bzImage) into
-# an output directory.
+# an output directory. The patches in patches/ beside it are applied first (isola's own,
+# each says why in its comment).
 #
 # The build is cached under $ISOLA_GUEST_CACHE/<hash>/, where <hash> covers the fragment,
 # this script and the linux-source package version: a second run with the same inputs
@@ -31,7 +32,8 @@ if ((${#need_pkgs[@]})); then
 fi
 
 src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
-hash="$( { cat "$fragment" "${BASH_SOURCE[0]}"; echo "$src_version"; } | sha256sum | cut -c1-16)"
+patches=("$here"/patches/*.patch)
+hash="$( { cat "$fragment" "${BASH_SOURCE[0]}" "${patches[@]}"; echo "$src_version"; } | sha256sum | cut -c1-16)"
 cache="$cache_root/$hash"
 
 install_out() {
@@ -59,6 +61,10 @@ log "unpacking $tarball"
 tar -C "$work" -xf "$tarball"
 tree="$(echo "$work"/linux-source-6.1)"
 cd "$tree"
+for p in "${patches[@]}"; do
+    log "applying ${p##*/}"
+    patch -p1 --quiet < "$p"
+done
 
 make ARCH=x86_64 tinyconfig >/dev/null
 # merge_config.sh -m merges without re-running olddefconfig; olddefconfig resolves after.

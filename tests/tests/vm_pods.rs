@@ -179,6 +179,65 @@ async fn a_vm_pod_has_its_own_kernel_size_and_process_table() {
     }
 }
 
+/// The VMM's resident guest memory in KiB (QEMU's memory backend is a shared memfd:
+/// RssShmem in /proc/<pid>/status).
+fn vmm_guest_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("vmm status")
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("RssShmem")
+}
+
+#[tokio::test]
+async fn memory_the_guest_frees_goes_back_to_the_host() {
+    let w = World::start().await;
+    let mut rt = w.rt().await;
+    let pc = w.pod("balloon");
+    let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
+    let d = details(&mut rt, &pod).await;
+    let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
+    let qemu = host_pids(&d)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu"))
+        })
+        .unwrap_or_else(|| panic!("no QEMU among the pod's host pids: {d}"));
+    // The guest reports free 128 KiB blocks (isola-guest sets the order).
+    let order = sh_out(
+        &mut rt,
+        &id,
+        "cat /sys/module/page_reporting/parameters/page_reporting_order",
+    )
+    .await;
+    assert_eq!(order, "5", "guest page reporting order");
+
+    // 48 MiB into the pod's /dev/shm (a tmpfs in guest memory): the host backs it...
+    let before = vmm_guest_kib(qemu);
+    sh_out(&mut rt, &id, "head -c 48m /dev/zero > /dev/shm/fill").await;
+    let filled = vmm_guest_kib(qemu);
+    assert!(
+        filled >= before + (40 << 10),
+        "guest memory on the host went from {before} to only {filled} KiB"
+    );
+    // ...and once the guest frees it, the host gets it back (reports run 2 s after).
+    sh_out(&mut rt, &id, "rm /dev/shm/fill").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut now = vmm_guest_kib(qemu);
+    while now > filled - (32 << 10) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        now = vmm_guest_kib(qemu);
+    }
+    assert!(
+        now <= filled - (32 << 10),
+        "the host still backs the freed guest memory: {before} KiB before, {filled} filled, \
+         {now} a minute after the guest freed 48 MiB"
+    );
+    teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+}
+
 #[tokio::test]
 async fn host_namespaces_and_devices_are_refused_and_volumes_cross_into_the_vm() {
     let w = World::start().await;

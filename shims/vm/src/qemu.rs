@@ -88,6 +88,12 @@ impl QemuVm {
     pub fn kernel_cmdline(&self) -> String {
         // reboot=t + -no-reboot: a guest reset (our poweroff, or panic=-1) ends QEMU.
         let mut words = vec!["console=ttyS0", "quiet", "reboot=t", "panic=-1"];
+        // QEMU's virtio-mmio offers 1024-entry queues, and virtio-console fills each
+        // receive queue with a 4 KiB buffer per entry (8 MiB of guest memory for the
+        // control queue and the agent port); the guest kernel's virtio_mmio caps the size
+        // (deploy/guest/patches/0001-virtio_mmio-max_queue_size.patch). 256, as isola-vmm
+        // and Firecracker offer.
+        words.push("virtio_mmio.max_queue_size=256");
         if self.accel() == Accel::Tcg {
             // Without it the TCG guest hangs at "tsc: Marking TSC unstable".
             words.push("tsc_early_khz=2000000");
@@ -159,6 +165,12 @@ impl QemuVm {
                 isola_guest::AGENT_PORT_NAME
             ),
         ]);
+        if c.free_page_reporting {
+            // Pages the guest frees are reported in 2 MiB blocks (or the guest's
+            // page_reporting.page_reporting_order) and QEMU punches them out of the memfd.
+            args.push("-device".into());
+            args.push("virtio-balloon-device,free-page-reporting=on".into());
+        }
         let mut fs_index = 0;
         for (i, dev) in self.devices.iter().enumerate() {
             match dev {

@@ -324,6 +324,7 @@ impl VmShim {
         vm_config.qemu_binary = settings.qemu_binary.clone();
         vm_config.virtiofsd_binary = settings.virtiofsd_binary.clone();
         vm_config.tcg_tb_mib = settings.tcg_tb_mib;
+        vm_config.free_page_reporting = settings.free_page_reporting;
         let (interface, tap) = match network {
             Some((iface, tap)) => (Some(iface.guest_request()), Some((tap, iface.mac))),
             None => (None, None),

@@ -31,6 +31,9 @@ pub struct VmSettings {
     /// QEMU's TCG translation cache in MiB, where QEMU runs without hardware
     /// virtualisation: memory per pod against start-up and exec speed.
     pub tcg_tb_mib: u32,
+    /// Guest pages the guest frees go back to the host (virtio-balloon free page
+    /// reporting; QEMU backend).
+    pub free_page_reporting: bool,
 }
 
 impl Default for VmSettings {
@@ -46,6 +49,7 @@ impl Default for VmSettings {
             virtiofsd_binary: crate::virtiofsd::default_binary(),
             shutdown_grace_seconds: 5,
             tcg_tb_mib: 16,
+            free_page_reporting: true,
         }
     }
 }
@@ -105,6 +109,9 @@ mod tests {
         .expect("valid settings");
         assert_eq!((s.vcpus, s.memory_mib), (2, 300));
         assert_eq!(s.kernel, PathBuf::from("/k"));
+        assert!(s.free_page_reporting, "on unless the class turns it off");
+        let off = VmSettings::from_json(r#"{"free_page_reporting":false}"#).expect("valid");
+        assert!(!off.free_page_reporting);
         let e = VmSettings::from_json(r#"{"vcpu":2}"#).expect_err("unknown key");
         assert!(e.contains("vcpu"), "{e}");
         assert!(VmSettings::from_json(r#"{"memory_mib":16}"#).is_err());
