@@ -7,7 +7,10 @@
 //! real CRI socket. The `l1_*` tests are `#[ignore]`d on the host and refuse to run
 //! outside L1.
 //!
-//! Run: `cargo test -p isola-tests --test systemd_apparmor` (as root; ~2-4 min under TCG).
+//! Run: `cargo test -p isola-tests --test systemd_apparmor` (as root, after
+//! `cargo build --workspace --bins`; ~5 min under TCG: L1's systemd is up in ~15 s, each
+//! agent with its image ~25 s, each container ~10 s). Add `-- --nocapture` to see L1's
+//! progress lines (`L1: ...`) and its console on failure.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,7 +20,7 @@ use isola_proto::cri;
 use isola_tests::fixtures::{exec, run, status, teardown, wait_exit, World};
 use isola_tests::{eventually, run_pod};
 
-/// The `l1_*` tests, run in L1 in this order.
+/// The `l1_*` tests run in L1 (one after the other: L1 has 2 vCPUs).
 const L1_TESTS: &[&str] = &["l1_systemd_driver", "l1_cgroupfs_driver_and_apparmor"];
 
 #[test]
@@ -403,10 +406,36 @@ async fn without_a_kubelet_slice_and_bad_parents(w: &World) {
         .await
         .expect("ExecSync");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "hi\n");
+    // The shim dies (kill -9): the pod turns NotReady, and Stop/Remove still clean up
+    // the container's and the infra process's scopes.
+    let shim = isola_tests::shim_pid(&mut rt, &pod)
+        .await
+        .expect("shim pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the shim");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let mut rt = rt.clone();
+            let pod = pod.clone();
+            async move {
+                isola_tests::pod_status(&mut rt, &pod, false)
+                    .await
+                    .ok()
+                    .and_then(|s| s.status)
+                    .map(|s| s.state)
+                    == Some(cri::PodSandboxState::SandboxNotready as i32)
+            }
+        })
+        .await,
+        "the pod stays ready after its shim died"
+    );
     teardown(&mut rt, &pod).await;
     assert!(
         eventually_sync(Duration::from_secs(10), || isola_scopes().is_empty()),
-        "scopes left: {:?}",
+        "scopes left after the shim died: {:?}",
         isola_scopes()
     );
 
