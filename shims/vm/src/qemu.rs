@@ -91,9 +91,10 @@ impl QemuVm {
         // QEMU's virtio-mmio offers 1024-entry queues, and virtio-console fills each
         // receive queue with a 4 KiB buffer per entry (8 MiB of guest memory for the
         // control queue and the agent port); the guest kernel's virtio_mmio caps the size
-        // (deploy/guest/patches/0001-virtio_mmio-max_queue_size.patch). 256, as isola-vmm
-        // and Firecracker offer.
-        words.push("virtio_mmio.max_queue_size=256");
+        // (deploy/guest/patches/0001-virtio_mmio-max_queue_size.patch). 128: 1 MiB of
+        // console buffers, 1.3 MiB less per idle pod than 256 and no slower in
+        // tests/bench/compare.sh (docs/benchmarks.md).
+        words.push("virtio_mmio.max_queue_size=128");
         if self.accel() == Accel::Tcg {
             // Without it the TCG guest hangs at "tsc: Marking TSC unstable".
             words.push("tsc_early_khz=2000000");
