@@ -640,6 +640,7 @@ async fn apparmor_profiles_are_enforced(w: &World) {
         ),
     ];
     for (name, profile, want, privileged) in cases {
+        let case = std::time::Instant::now();
         let mut c = w.sh(name, attr);
         c.linux = Some(cri::LinuxContainerConfig {
             resources: None,
@@ -654,6 +655,7 @@ async fn apparmor_profiles_are_enforced(w: &World) {
             }),
         });
         let id = run(&mut rt, &pod, &pc, c).await;
+        eprintln!("L1: AppArmor {name} started in {:?}", case.elapsed());
         let log = Path::new(&pc.log_directory).join(format!("{name}.log"));
         assert!(
             eventually(Duration::from_secs(20), || async {
@@ -691,6 +693,7 @@ async fn apparmor_profiles_are_enforced(w: &World) {
             "hostname-read"
         };
         assert_eq!(lines.get(2).copied(), Some(hostname), "{name}: {out:?}");
+        eprintln!("L1: AppArmor {name} done in {:?}", case.elapsed());
     }
     // The deprecated string form.
     let mut c = w.sh("legacy", attr);
@@ -728,4 +731,63 @@ async fn apparmor_profiles_are_enforced(w: &World) {
     assert!(err.message().contains("no-such-profile"), "{err:?}");
     teardown(&mut rt, &pod).await;
     w.agent.assert_no_leaks();
+}
+
+/// `cgroup_driver = "systemd"` where systemd does not manage the cgroups (this host:
+/// no systemd as PID 1, cgroup v1): isola makes each scope's cgroup itself at the path
+/// systemd would give it (libcontainer cannot start scopes there), with its limits; the
+/// pod's cgroups are gone after Stop/Remove. Where systemd does manage them, the scope
+/// is a real unit (as in L1).
+#[tokio::test]
+async fn systemd_driver_where_systemd_does_not_manage_cgroups() {
+    let w = World::start_with("cgroup_driver = \"systemd\"").await;
+    let mut rt = w.rt().await;
+    let slice = format!("isolatest-pod{}.slice", std::process::id());
+    let pc = pod_with_parent(&w, "nosd", &slice);
+    let pod = run_pod(&mut rt, pc.clone(), "")
+        .await
+        .expect("RunPodSandbox");
+    let mut c = w.sh("app", "sleep 600");
+    c.linux = Some(limits(64 << 20, 0));
+    let id = run(&mut rt, &pod, &pc, c).await;
+    let cgroup = format!("/isolatest.slice/{slice}/isola-{id}.scope");
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let limit = if v2 {
+        cg_file(&cgroup, "memory.max")
+    } else {
+        cg_file(&format!("memory{cgroup}"), "memory.limit_in_bytes")
+    };
+    assert_eq!(limit, (64u64 << 20).to_string(), "{cgroup}");
+    let r = exec(&mut rt, &id, &["echo", "hi"], 10)
+        .await
+        .expect("ExecSync");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "hi\n");
+    let s = stats_of(&mut rt, &id).await;
+    assert!(working_set(&s) > 0, "{s:?}");
+    teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+    let dir = if v2 {
+        format!("/sys/fs/cgroup{cgroup}")
+    } else {
+        format!("/sys/fs/cgroup/memory{cgroup}")
+    };
+    assert!(!Path::new(&dir).exists(), "{dir} left");
+    // The slices above it are kubelet's (or systemd's) to remove; here, the test's.
+    let hierarchies: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    for d in [
+        format!("isolatest.slice/{slice}"),
+        "isolatest.slice".to_string(),
+    ] {
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(&d));
+        for h in &hierarchies {
+            let _ = std::fs::remove_dir(h.join(&d));
+        }
+    }
 }
