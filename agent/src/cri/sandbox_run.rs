@@ -69,8 +69,8 @@ pub fn validate(req: &cri::RunPodSandboxRequest) -> Result<&cri::PodSandboxConfi
 
 /// Checks the pod's cgroup parent against the configured cgroup driver (kubelet and the
 /// runtime must agree, as kubelet's `--cgroup-driver` and containerd's `SystemdCgroup`
-/// do) and returns the parent to use: under the systemd driver a pod without one goes
-/// in system.slice (as CRI-O's default), under cgroupfs isola makes its own.
+/// do) and returns the parent for a native pod: under the systemd driver a pod without
+/// one goes in system.slice (as CRI-O's default), under cgroupfs isola makes its own.
 pub fn cgroup_parent(
     config: &cri::PodSandboxConfig,
     driver: CgroupDriver,
@@ -124,13 +124,16 @@ impl Runtime {
     ) -> Result<cri::RunPodSandboxResponse, CriError> {
         let mut config = validate(&req)?.clone();
         let parent = cgroup_parent(&config, self.config.cgroup_driver)?;
-        config
-            .linux
-            .get_or_insert_with(Default::default)
-            .cgroup_parent = parent;
         let class = self.classes.resolve(&req.runtime_handler)?.clone();
         if class.shim == ShimKind::Vm {
             validate_for_vm(&config)?;
+        } else {
+            // The native shim puts the pod's scopes in the slice; a vm pod without a
+            // parent keeps the cgroup its shim makes for the VMM.
+            config
+                .linux
+                .get_or_insert_with(Default::default)
+                .cgroup_parent = parent;
         }
         let md = config.metadata.clone().unwrap_or_default();
         let id = new_id();

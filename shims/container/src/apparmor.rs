@@ -118,6 +118,9 @@ pub fn profile(
             }
         }
         ProfileType::Localhost => {
+            // kubelet sends the bare name; some clients send it as in the deprecated
+            // string ("localhost/<name>"), which containerd accepts too.
+            let name = name.strip_prefix("localhost/").unwrap_or(&name).to_owned();
             if name.is_empty() {
                 return Err(AppArmorError::Invalid(
                     "Localhost needs localhost_ref (the profile's name)".into(),
@@ -166,6 +169,15 @@ mod tests {
             profile(&sc(Some((ProfileType::Localhost, "my-app"))), &host())
                 .expect("loaded")
                 .as_deref(),
+            Some("my-app")
+        );
+        assert_eq!(
+            profile(
+                &sc(Some((ProfileType::Localhost, "localhost/my-app"))),
+                &host()
+            )
+            .expect("prefixed")
+            .as_deref(),
             Some("my-app")
         );
         assert_eq!(
