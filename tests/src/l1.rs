@@ -315,6 +315,12 @@ fn pack(host: &Host, dir: &Path, command: &str) -> anyhow::Result<PathBuf> {
 /// `ISOLA_L1=1`), and returns its console once L1 has powered off; fails when L1 does
 /// not finish within `timeout` (QEMU is killed).
 pub fn run(command: &str, timeout: Duration) -> anyhow::Result<Run> {
+    run_with(command, "", timeout)
+}
+
+/// As [`run`], with `kernel_args` added to L1's kernel command line (e.g.
+/// `systemd.unified_cgroup_hierarchy=0` for systemd on cgroup v1).
+pub fn run_with(command: &str, kernel_args: &str, timeout: Duration) -> anyhow::Result<Run> {
     let host = Host::find()?;
     let dir = tempfile::Builder::new().prefix("isola-l1").tempdir()?;
     let initramfs = pack(&host, dir.path(), command)?;
@@ -366,10 +372,10 @@ pub fn run(command: &str, timeout: Duration) -> anyhow::Result<Run> {
             .arg(&host.kernel)
             .arg("-initrd")
             .arg(&initramfs)
-            .args([
-                "-append",
-                "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 rdinit=/init",
-            ])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 rdinit=/init {kernel_args}"
+            ))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .stdin(Stdio::null())

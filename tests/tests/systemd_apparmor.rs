@@ -5,11 +5,12 @@
 //! so [`systemd_cgroups_and_apparmor_in_l1`] boots an L1 machine with systemd
 //! ([`isola_tests::l1`]) and runs the `l1_*` tests of this file there, over isolad's
 //! real CRI socket. The `l1_*` tests are `#[ignore]`d on the host and refuse to run
-//! outside L1.
+//! outside L1. [`systemd_driver_on_cgroup_v1_in_l1`] boots L1 again with systemd on the
+//! legacy cgroup v1 hierarchies.
 //!
 //! Run: `cargo test -p isola-tests --test systemd_apparmor` (as root, after
-//! `cargo build --workspace --bins`; ~5 min under TCG: L1's systemd is up in ~15 s, each
-//! agent with its image ~25 s, each container ~10 s). Add `-- --nocapture` to see L1's
+//! `cargo build --workspace --bins`; ~4 + ~1 min under TCG: L1's systemd is up in
+//! ~10-20 s, each agent with its image ~20 s, each container ~10 s). Add `-- --nocapture` to see L1's
 //! progress lines (`L1: ...`) and its console on failure.
 
 use std::path::Path;
@@ -23,8 +24,13 @@ use isola_tests::{eventually, run_pod};
 /// The `l1_*` tests run in L1 (one after the other: L1 has 2 vCPUs).
 const L1_TESTS: &[&str] = &["l1_systemd_driver", "l1_cgroupfs_driver_and_apparmor"];
 
+/// One L1 at a time (the tests of this binary run in parallel threads; the machine
+/// has 2 cores).
+static L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn systemd_cgroups_and_apparmor_in_l1() {
+    let _one = L1.lock().unwrap_or_else(|p| p.into_inner());
     let exe = std::env::current_exe().expect("current_exe");
     let command = format!(
         "{} --ignored --exact --test-threads=1 --nocapture {}",
@@ -45,6 +51,34 @@ fn systemd_cgroups_and_apparmor_in_l1() {
     assert!(
         !failed,
         "the L1 tests failed (rc {:?}); L1's console:\n{}",
+        run.rc(),
+        run.console
+    );
+}
+
+/// The systemd driver on a node whose systemd runs the legacy cgroup v1 hierarchies
+/// (`systemd.unified_cgroup_hierarchy=0`): libcontainer cannot start scopes there, so
+/// isola makes the scopes' cgroups itself
+/// ([`systemd_driver_where_systemd_does_not_manage_cgroups`], run in L1).
+#[test]
+fn systemd_driver_on_cgroup_v1_in_l1() {
+    let _one = L1.lock().unwrap_or_else(|p| p.into_inner());
+    let exe = std::env::current_exe().expect("current_exe");
+    let command = format!(
+        "test -e /sys/fs/cgroup/memory/memory.limit_in_bytes || {{ echo 'L1 is not on cgroup v1'; exit 1; }}; \
+         {} --exact --test-threads=1 --nocapture systemd_driver_where_systemd_does_not_manage_cgroups",
+        exe.display()
+    );
+    let run = isola_tests::l1::run_with(
+        &command,
+        "systemd.unified_cgroup_hierarchy=0 SYSTEMD_CGROUP_ENABLE_LEGACY_FORCE=1",
+        Duration::from_secs(600),
+    )
+    .unwrap_or_else(|e| panic!("L1 rig: {e:#}"));
+    eprintln!("L1 (cgroup v1): {:.0}s in all", run.elapsed.as_secs_f64());
+    assert!(
+        run.rc() == Some(0) && run.console.contains("test result: ok. 1 passed; 0 failed"),
+        "the test failed in L1 on cgroup v1 (rc {:?}); L1's console:\n{}",
         run.rc(),
         run.console
     );
