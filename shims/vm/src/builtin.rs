@@ -10,20 +10,22 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::AgentClient;
-use crate::hypervisor::{Device, Hypervisor, VmConfig, VmError, VmExit};
+use crate::hypervisor::{
+    agent_client, check_device, check_file, wait_child, Device, Hypervisor, VmConfig, VmError,
+    VmExit,
+};
 use crate::select::Selection;
 
 /// How long the VMM gets to build the VM and listen on the agent socket.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of guest agent calls.
-const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// isola-vmm's exit status for a guest kernel panic.
 const EXIT_PANIC: i32 = 2;
 
@@ -292,17 +294,6 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(VmError::MissingAsset {
-            what,
-            path: path.into(),
-        })
-    }
-}
-
 impl Hypervisor for BuiltinVm {
     fn selection(&self) -> &Selection {
         &self.selection
@@ -328,21 +319,7 @@ impl Hypervisor for BuiltinVm {
         if self.state != State::Created {
             return Err(VmError::State("devices can only be added before start"));
         }
-        match &device {
-            Device::Fs { tag, shared_dir } if !shared_dir.is_dir() => {
-                return Err(VmError::io(
-                    format!("virtio-fs share {tag}: {}", shared_dir.display()),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ))
-            }
-            Device::Block { path, .. } if !path.exists() => {
-                return Err(VmError::io(
-                    format!("virtio-blk disk {}", path.display()),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ))
-            }
-            _ => {}
-        }
+        check_device(&device)?;
         self.devices.push(device);
         Ok(())
     }
@@ -365,13 +342,7 @@ impl Hypervisor for BuiltinVm {
     }
 
     fn agent(&mut self) -> Result<AgentClient, VmError> {
-        let stream = self
-            .agent_stream
-            .as_ref()
-            .ok_or(VmError::State("the VM is not running"))?
-            .try_clone()
-            .map_err(|e| VmError::io("agent channel", e))?;
-        Ok(AgentClient::new(stream, AGENT_CALL_TIMEOUT))
+        agent_client(self.agent_stream.as_ref())
     }
 
     fn console_log_path(&self) -> PathBuf {
@@ -401,20 +372,7 @@ impl Hypervisor for BuiltinVm {
             .vmm
             .as_mut()
             .ok_or(VmError::State("the VM was not started"))?;
-        let start = Instant::now();
-        let status = loop {
-            match vmm.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => return Err(VmError::io("wait for isola-vmm", e)),
-            }
-            if let Some(t) = timeout {
-                if start.elapsed() >= t {
-                    return Err(VmError::Timeout(t, "the VM to end"));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let status = wait_child(vmm, "isola-vmm", timeout)?;
         self.vmm = None;
         self.finish(status)
     }
@@ -454,6 +412,7 @@ impl Drop for BuiltinVm {
 mod tests {
     use super::*;
     use crate::select::Backend;
+    use std::path::Path;
 
     fn selection() -> Selection {
         Selection {

@@ -1,9 +1,10 @@
 //! The hypervisor layer's one trait, its VM config, devices and errors.
 
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
-use std::time::Duration;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
 
 use crate::agent::{AgentClient, AgentError};
 use crate::select::{SelectError, Selection};
@@ -173,6 +174,74 @@ impl VmError {
             what: what.into(),
             source,
         }
+    }
+}
+
+// What both backends (QEMU and isola-vmm, each a child process of the shim) check and do
+// the same way.
+
+/// How long one guest agent call may take.
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A guest asset (kernel, initramfs) must be a file.
+pub(crate) fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(VmError::MissingAsset {
+            what,
+            path: path.into(),
+        })
+    }
+}
+
+/// What a device refers to on the host must exist before the VMM is asked to open it.
+pub(crate) fn check_device(device: &Device) -> Result<(), VmError> {
+    let missing = |what: String| {
+        Err(VmError::io(
+            what,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ))
+    };
+    match device {
+        Device::Fs { tag, shared_dir } if !shared_dir.is_dir() => {
+            missing(format!("virtio-fs share {tag}: {}", shared_dir.display()))
+        }
+        Device::Block { path, .. } if !path.exists() => {
+            missing(format!("virtio-blk disk {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A client on (a clone of) the VM's agent channel.
+pub(crate) fn agent_client(stream: Option<&UnixStream>) -> Result<AgentClient, VmError> {
+    let stream = stream
+        .ok_or(VmError::State("the VM is not running"))?
+        .try_clone()
+        .map_err(|e| VmError::io("agent channel", e))?;
+    Ok(AgentClient::new(stream, AGENT_CALL_TIMEOUT))
+}
+
+/// Waits for the VMM process to exit, at most `timeout` (None: for ever).
+pub(crate) fn wait_child(
+    child: &mut Child,
+    what: &'static str,
+    timeout: Option<Duration>,
+) -> Result<ExitStatus, VmError> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(status),
+            Ok(None) => {}
+            Err(e) => return Err(VmError::io(format!("wait for {what}"), e)),
+        }
+        if let Some(t) = timeout {
+            if start.elapsed() >= t {
+                return Err(VmError::Timeout(t, "the VM to end"));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

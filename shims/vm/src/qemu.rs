@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, info_span, warn};
 
 use crate::agent::AgentClient;
-use crate::hypervisor::{Device, Hypervisor, VmConfig, VmError, VmExit};
+use crate::hypervisor::{
+    agent_client, check_device, check_file, wait_child, Device, Hypervisor, VmConfig, VmError,
+    VmExit,
+};
 use crate::qmp::QmpClient;
 use crate::select::{Accel, Backend, Selection};
 
 /// How long QEMU gets to connect its sockets after launch.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default timeout of guest agent calls.
-const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -405,17 +407,6 @@ impl QemuVm {
     }
 }
 
-fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(VmError::MissingAsset {
-            what,
-            path: path.into(),
-        })
-    }
-}
-
 fn check_binary(what: &'static str, path: &Path, hint: &'static str) -> Result<(), VmError> {
     let found = if path.components().count() > 1 {
         path.is_file()
@@ -458,27 +449,14 @@ impl Hypervisor for QemuVm {
         if self.state != State::Created {
             return Err(VmError::State("devices can only be added before start"));
         }
-        if let Device::Fs { shared_dir, tag } = &device {
+        if matches!(device, Device::Fs { .. }) {
             check_binary(
                 "virtiofsd",
                 &self.config.virtiofsd_binary,
                 "run deploy/guest/build-assets.sh (cargo install virtiofsd --locked)",
             )?;
-            if !shared_dir.is_dir() {
-                return Err(VmError::io(
-                    format!("virtio-fs share {tag}: {}", shared_dir.display()),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ));
-            }
         }
-        if let Device::Block { path, .. } = &device {
-            if !path.exists() {
-                return Err(VmError::io(
-                    format!("virtio-blk disk {}", path.display()),
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                ));
-            }
-        }
+        check_device(&device)?;
         self.devices.push(device);
         Ok(())
     }
@@ -501,13 +479,7 @@ impl Hypervisor for QemuVm {
     }
 
     fn agent(&mut self) -> Result<AgentClient, VmError> {
-        let stream = self
-            .agent_stream
-            .as_ref()
-            .ok_or(VmError::State("the VM is not running"))?
-            .try_clone()
-            .map_err(|e| VmError::io("agent channel", e))?;
-        Ok(AgentClient::new(stream, AGENT_CALL_TIMEOUT))
+        agent_client(self.agent_stream.as_ref())
     }
 
     fn console_log_path(&self) -> PathBuf {
@@ -533,20 +505,7 @@ impl Hypervisor for QemuVm {
             .qemu
             .as_mut()
             .ok_or(VmError::State("the VM was not started"))?;
-        let start = Instant::now();
-        let status = loop {
-            match qemu.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(e) => return Err(VmError::io("wait for qemu", e)),
-            }
-            if let Some(t) = timeout {
-                if start.elapsed() >= t {
-                    return Err(VmError::Timeout(t, "the VM to end"));
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
+        let status = wait_child(qemu, "qemu", timeout)?;
         self.qemu = None;
         self.finish(status)
     }
