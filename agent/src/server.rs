@@ -118,6 +118,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "isolad serving the CRI"
     );
+    if config.cgroup_driver == crate::config::CgroupDriver::Systemd
+        && !isola_container::systemd::available()
+    {
+        warn!(
+            "cgroup_driver is systemd but systemd does not manage the unified cgroup hierarchy here: native pods' scopes are made as plain cgroups at systemd's paths, not as systemd units"
+        );
+    }
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;

@@ -774,7 +774,7 @@ async fn apparmor_profiles_are_enforced(w: &World) {
 /// is a real unit (as in L1).
 #[tokio::test]
 async fn systemd_driver_where_systemd_does_not_manage_cgroups() {
-    let w = World::start_with("cgroup_driver = \"systemd\"").await;
+    let w = World::start_lean("cgroup_driver = \"systemd\"").await;
     let mut rt = w.rt().await;
     let slice = format!("isolatest-pod{}.slice", std::process::id());
     let pc = pod_with_parent(&w, "nosd", &slice);
