@@ -317,7 +317,7 @@ impl ImageStore {
     /// The blob's path, downloading and verifying it first if it is not stored yet.
     async fn ensure_blob(&self, fetcher: &Fetcher, desc: &Descriptor) -> Result<PathBuf> {
         let path = self.blob_path(&desc.digest);
-        let lock = self.busy_lock(&desc.digest);
+        let lock = self.busy_lock(&format!("blob {}", desc.digest));
         let _guard = lock.lock().await;
         if tokio::fs::try_exists(&path).await.unwrap_or(false) {
             return Ok(path);
@@ -344,7 +344,9 @@ impl ImageStore {
         gc: GcGuard,
     ) -> Result<()> {
         let dir = self.layer_path(chain_id);
-        let lock = self.busy_lock(chain_id);
+        // Its own key space: the chain id of an uncompressed base layer is its blob's
+        // digest, whose lock ensure_blob takes below (one key for both deadlocked).
+        let lock = self.busy_lock(&format!("layer {chain_id}"));
         let _guard = lock.lock().await;
         if tokio::fs::try_exists(&dir).await.unwrap_or(false) {
             // A crash may have come between the layer's rename and its short link.

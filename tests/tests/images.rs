@@ -209,6 +209,33 @@ async fn pull_status_list_fsinfo_remove_over_cri() {
     assert!(dir_entries(&store.join("blobs/sha256")).is_empty());
 }
 
+/// An image whose base layer is an uncompressed tar: its chain id, diff id and blob
+/// digest are one digest (the pull once deadlocked on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncompressed_layers_over_cri() {
+    let reg = Registry::start().expect("registry");
+    let base = Tar::new().file("plain.txt", b"plain\n", 0o644).finish();
+    let top = Tar::new().file("top.txt", b"top\n", 0o644).finish();
+    let pushed = reg
+        .push_image(
+            "e2e/plain",
+            "latest",
+            &ImageSpec::new(vec![(base, Compression::None), (top, Compression::None)]),
+        )
+        .unwrap();
+    let agent = agent_for(&[&reg]).await;
+    let mut images = agent.images().await;
+    let name = format!("{}/e2e/plain:latest", reg.addr);
+    let id = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        pull(&mut images, &name, None),
+    )
+    .await
+    .expect("the pull finishes")
+    .expect("pull");
+    assert_eq!(id, pushed.config_digest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifest_lists_and_zstd_layers_over_cri() {
     let reg = Registry::start().expect("registry");
