@@ -604,15 +604,26 @@ impl ImageStore {
         self.forget_usage();
         let dir = self.snapshot_path(container_id);
         let tmp = self.tmp_path();
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        // The rename takes the layer out of sight at once; deleting the tree (a directory
+        // operation per file, milliseconds each on some disks) goes on in the background,
+        // as containerd's snapshot GC does. What a crash leaves in tmp/ is removed when
+        // the store opens.
+        let moved = tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>> {
             match std::fs::rename(&dir, &tmp) {
-                Ok(()) => remove_path(&tmp),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Ok(()) => Ok(Some(tmp)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(Error::io(format!("remove {}", dir.display()), e)),
             }
         })
         .await
         .map_err(|e| Error::io("remove snapshot task", std::io::Error::other(e)))??;
+        if let Some(tmp) = moved {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = remove_path(&tmp) {
+                    tracing::warn!(error = %e, "removing a container's writable layer");
+                }
+            });
+        }
         // The image may have been removed while the container used it.
         let image_gone = self.status(&rec.image_id)?.is_none();
         if image_gone {
