@@ -191,10 +191,42 @@ impl Drop for Reaped {
     }
 }
 
-fn init_script() -> String {
+/// The host directories under /tmp that L1 must see through its own tmpfs /tmp: the
+/// workspace (and with it the test and isolad binaries in its target dir) when the
+/// checkout lives in /tmp, as a CI clone may.
+fn tmp_binds() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(ws) = Path::new(env!("CARGO_MANIFEST_DIR")).parent() {
+        dirs.push(ws.to_path_buf());
+    }
+    // The running test binary: <target>/<profile>/deps/<name>.
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(target) = exe.ancestors().nth(3) {
+            dirs.push(target.to_path_buf());
+        }
+    }
+    dirs.retain(|d| d.starts_with("/tmp") && d != Path::new("/tmp"));
+    dirs.sort();
+    dirs.dedup();
+    // A directory inside another one already bound comes with it.
+    let all = dirs.clone();
+    dirs.retain(|d| !all.iter().any(|o| o != d && d.starts_with(o)));
+    dirs
+}
+
+fn init_script(binds: &[PathBuf]) -> String {
     let modules: Vec<&str> = MODULES
         .iter()
         .filter_map(|m| m.rsplit('/').next())
+        .collect();
+    let binds: String = binds
+        .iter()
+        .map(|d| {
+            let d = d.display();
+            format!(
+                "mkdir -p '/newroot{d}' && mount -o bind '/lower{d}' '/newroot{d}' || fail \"binding {d}\"\n"
+            )
+        })
         .collect();
     format!(
         r#"#!/bin/busybox sh
@@ -211,13 +243,14 @@ mkdir -p /upper/u /upper/w
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w overlay /newroot || fail "overlay"
 # /tmp of its own: the agents' overlay snapshots cannot have an overlay as upper.
 mount -t tmpfs -o mode=1777 tmp /newroot/tmp
-cp -a /rig/. /newroot/ || fail "copying the rig's units"
+{binds}cp -a /rig/. /newroot/ || fail "copying the rig's units"
 # systemd takes a /.dockerenv for a container (and then ignores the kernel command line).
 rm -f /newroot/.dockerenv /newroot/run/.containerenv
 umount /proc /sys /dev
 exec switch_root /newroot /lib/systemd/systemd --unit=isola-rig.target --show-status=0
 "#,
-        modules = modules.join(" ")
+        modules = modules.join(" "),
+        binds = binds
     )
 }
 
@@ -274,7 +307,7 @@ fn pack(host: &Host, dir: &Path, command: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("copying {m}.ko"))?;
     }
     let init = root.join("init");
-    write(&init, &init_script())?;
+    write(&init, &init_script(&tmp_binds()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
 
