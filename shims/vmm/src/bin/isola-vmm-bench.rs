@@ -203,6 +203,12 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn report(name: &str, samples: &[Sample]) {
+    // Each boot too, in order: the nested rig's spread hides in a median.
+    let each: Vec<String> = samples
+        .iter()
+        .map(|s| format!("{:.0}", s.hello_ms))
+        .collect();
+    println!("bench: {name:<10} hello per boot (ms): {}", each.join(" "));
     let mut hello: Vec<f64> = samples.iter().map(|s| s.hello_ms).collect();
     let mut down: Vec<f64> = samples.iter().map(|s| s.down_ms).collect();
     let med = |f: fn(&Sample) -> u64| {
