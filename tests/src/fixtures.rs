@@ -85,33 +85,7 @@ impl World {
         registry
             .push_image("busybox", "latest", &plain)
             .expect("push");
-        let agent = Agent::start_with(AgentOptions {
-            config: format!(
-                "{config}\n[registry]\ninsecure_registries = [{:?}]\n",
-                registry.addr
-            ),
-        })
-        .await;
-        let image = registry.image("busybox", "latest");
-        agent
-            .images()
-            .await
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec {
-                    image: image.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .expect("pull");
-        World {
-            registry,
-            agent,
-            entry_image: image.clone(),
-            image,
-            logs: tempfile::tempdir().expect("logs"),
-        }
+        World::with_images(registry, config, "latest", "latest").await
     }
 
     /// As [`World::start`], with `config` (TOML) added to the agent's config.
@@ -132,6 +106,12 @@ impl World {
         registry
             .push_image("busybox", "entry", &entry)
             .expect("push");
+        World::with_images(registry, config, "latest", "entry").await
+    }
+
+    /// Starts the agent (plain HTTP to `registry`, plus `config`) and pulls
+    /// `busybox:<plain>` and `busybox:<entry>` from the registry.
+    async fn with_images(registry: Registry, config: &str, plain: &str, entry: &str) -> World {
         let agent = Agent::start_with(AgentOptions {
             config: format!(
                 "{config}\n[registry]\ninsecure_registries = [{:?}]\n",
@@ -139,10 +119,14 @@ impl World {
             ),
         })
         .await;
-        let image = registry.image("busybox", "latest");
-        let entry_image = registry.image("busybox", "entry");
+        let image = registry.image("busybox", plain);
+        let entry_image = registry.image("busybox", entry);
         let mut images = agent.images().await;
-        for i in [&image, &entry_image] {
+        let mut wanted = vec![&image];
+        if entry_image != image {
+            wanted.push(&entry_image);
+        }
+        for i in wanted {
             images
                 .pull_image(cri::PullImageRequest {
                     image: Some(cri::ImageSpec {

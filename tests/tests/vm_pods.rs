@@ -34,6 +34,14 @@ async fn sh_out(rt: &mut Runtime, id: &str, script: &str) -> String {
     String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
+/// The VMM's host pid from the pod's details.
+fn vmm_pid(d: &serde_json::Value) -> i32 {
+    d["vmmPid"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no vmmPid in {d}"))
+}
+
 fn host_pids(d: &serde_json::Value) -> Vec<u32> {
     d["hostPids"]
         .as_str()
@@ -471,10 +479,7 @@ async fn a_dead_vm_makes_the_pod_notready_and_its_containers_exited() {
     let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
     let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
     let d = details(&mut rt, &pod).await;
-    let vmm: i32 = d["vmmPid"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .expect("vmm pid");
+    let vmm = vmm_pid(&d);
     let shim = shim_pid(&mut rt, &pod).await.expect("shim pid");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), Signal::SIGKILL).expect("kill vmm");
     assert!(
@@ -514,10 +519,7 @@ async fn a_dead_vm_makes_the_pod_notready_and_its_containers_exited() {
     let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
     let id = run(&mut rt, &pod, &pc, w.sh("c", "sleep 3600")).await;
     let d = details(&mut rt, &pod).await;
-    let vmm: i32 = d["vmmPid"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .expect("vmm pid");
+    let vmm = vmm_pid(&d);
     w.agent.kill9();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm), Signal::SIGKILL).expect("kill vmm");
     tokio::time::sleep(Duration::from_secs(2)).await;
