@@ -19,6 +19,7 @@ if [[ -x "$repo/deploy/guest/build-assets.sh" ]]; then
     "$repo/deploy/guest/build-assets.sh" "$ISOLA_GUEST_DIR"
     export ISOLA_GUEST_KERNEL="$ISOLA_GUEST_DIR/vmlinux"
     export ISOLA_GUEST_INITRAMFS="$ISOLA_GUEST_DIR/initramfs.cpio"
+    export ISOLA_GUEST_AGENT="$ISOLA_GUEST_DIR/isola-guest"
 fi
 
 # ---- isola-vmm (shims/vmm): the nested KVM rig its tests boot guests in ----

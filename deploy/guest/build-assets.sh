@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds every asset a VM pod needs and installs it into one directory:
 #   vmlinux, bzImage     the guest kernel (build-kernel.sh, cached by its inputs)
-#   isola-guest          the static guest agent (PID 1)
-#   initramfs.cpio       cpio newc with isola-guest as /init (written by isola-vm-initramfs)
+#   isola-guest-init     the static guest agent without its shim (PID 1, ~1 MiB)
+#   initramfs.cpio       cpio newc with isola-guest-init as /init (isola-vm-initramfs)
+#   isola-guest          the static guest agent with the shim API, which /init executes
+#                        from the pod's virtio-fs share (the vm class's `agent`)
 # and makes sure QEMU (apt: qemu-system-x86) and virtiofsd (cargo install virtiofsd
 # --locked) are installed.
 #
@@ -47,20 +49,27 @@ fi
 
 # A static glibc binary: with --target, RUSTFLAGS reach only the target's crates, not
 # build scripts or proc-macros (which must stay dynamic host binaries).
-log "building static isola-guest"
-# libcontainer links libseccomp: statically too (libseccomp-dev ships libseccomp.a).
-(cd "$repo" && LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-    RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --profile guest -p isola-guest --target "$triple")
-guest="$target_dir/$triple/guest/isola-guest"
-if readelf -d "$guest" | grep -q NEEDED; then
-    log "$guest is not static: $(readelf -d "$guest" | grep NEEDED | tr -s ' ')"; exit 1
-fi
-install -m 0755 "$guest" "$out/isola-guest.tmp"
-strip "$out/isola-guest.tmp"
-mv "$out/isola-guest.tmp" "$out/isola-guest"
+# Built twice: /init without the shim (--no-default-features), the agent with it.
+build_guest() { # name cargo-feature-args...
+    local name="$1"
+    shift
+    log "building static $name"
+    # libcontainer links libseccomp: statically too (libseccomp-dev ships libseccomp.a).
+    (cd "$repo" && LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+        RUSTFLAGS="-C target-feature=+crt-static" \
+        cargo build --quiet --profile guest -p isola-guest --target "$triple" "$@")
+    local bin="$target_dir/$triple/guest/isola-guest"
+    if readelf -d "$bin" | grep -q NEEDED; then
+        log "$bin is not static: $(readelf -d "$bin" | grep NEEDED | tr -s ' ')"; exit 1
+    fi
+    install -m 0755 "$bin" "$out/$name.tmp"
+    strip "$out/$name.tmp"
+    mv "$out/$name.tmp" "$out/$name"
+}
+build_guest isola-guest-init --no-default-features
+build_guest isola-guest
 
 log "writing initramfs"
 (cd "$repo" && cargo build --quiet -p isola-vm --bin isola-vm-initramfs)
-"$target_dir/debug/isola-vm-initramfs" --init "$out/isola-guest" --out "$out/initramfs.cpio"
+"$target_dir/debug/isola-vm-initramfs" --init "$out/isola-guest-init" --out "$out/initramfs.cpio"
 log "done: $(ls -l "$out" | tail -n +2 | awk '{print $9" "$5}' | tr '\n' ' ')"

@@ -220,6 +220,21 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
     )
     .await;
     assert_eq!(order, "5", "guest page reporting order");
+    // Page-sized percpu units (percpu_alloc=page): with the default 2 MiB units the
+    // guest's one dynamic percpu chunk brings a 4 MiB vmalloc'ed memcg array.
+    let vmalloc_kib: u64 = sh_out(
+        &mut rt,
+        &id,
+        "awk '/^VmallocUsed:/ {print $2}' /proc/meminfo",
+    )
+    .await
+    .parse()
+    .expect("VmallocUsed in the guest's /proc/meminfo");
+    assert!(
+        vmalloc_kib < 2048,
+        "the guest's vmalloc area holds {vmalloc_kib} KiB (4 MiB of it a percpu chunk's memcg \
+         array unless the kernel runs with percpu_alloc=page)"
+    );
 
     // 48 MiB into the pod's /dev/shm (a tmpfs in guest memory): the host backs it...
     let before = vmm_guest_kib(qemu);
@@ -243,6 +258,45 @@ async fn memory_the_guest_frees_goes_back_to_the_host() {
          {now} a minute after the guest freed 48 MiB"
     );
     teardown(&mut rt, &pod).await;
+    w.agent.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn a_vm_class_whose_guest_agent_is_missing_is_refused_cleanly() {
+    // The class as shipped, with its guest agent (what /init hands the shim API to,
+    // from the pod's virtio-fs share) somewhere it is not.
+    let mut w = World::start().await;
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../runtime-classes/vm.toml");
+    let toml = std::fs::read_to_string(shipped).expect("runtime-classes/vm.toml");
+    let agent_line = toml
+        .lines()
+        .find(|l| l.starts_with("agent = "))
+        .expect("the vm class names its guest agent");
+    let toml = toml
+        .replace("handler = \"vm\"", "handler = \"vm-noagent\"")
+        .replace(agent_line, "agent = \"/nonexistent/isola-guest\"");
+    let classes = w.agent.dir().join("runtime-classes");
+    std::fs::write(classes.join("vm-noagent.toml"), toml).expect("class file");
+    // Classes are read at start.
+    w.agent.signal_and_wait(Signal::SIGTERM);
+    w.agent.restart().await;
+    let mut rt = w.rt().await;
+    let err = run_pod(&mut rt, w.pod("noagent"), "vm-noagent")
+        .await
+        .expect_err("a vm pod without its guest agent");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(
+        err.message()
+            .contains("guest agent not found at /nonexistent/isola-guest"),
+        "{}",
+        err.message()
+    );
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(pods.items.is_empty(), "a refused pod was recorded");
     w.agent.assert_no_leaks();
 }
 

@@ -163,9 +163,6 @@ pub fn power_off() -> ! {
 /// Set in the environment of the re-executed /init once the root is a tmpfs.
 const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
 
-/// Makes the guest's root a mount with a parent and re-executes /init there.
-///
-/// The initramfs is the kernel's `rootfs`, a mount without a parent, on which
 /// Where the VMM has a virtio-balloon with free page reporting, the guest reports free
 /// blocks of 2^order pages so the host can take them back. Linux 6.1's driver fixes the
 /// order at pageblock_order (4 MiB without hugetlbfs) and overwrites a command-line
@@ -173,7 +170,15 @@ const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
 /// set here, after the driver registered: `isola.page_reporting_order=N` (default 5,
 /// 128 KiB blocks: an idle pod gave back as much as with single pages, measured with
 /// tests/bench/compare.sh; reports run 2 s after frees, batched).
+///
+/// Only pages back in the buddy allocator are reported, and a freed page goes first to
+/// its CPU's page list, which by default holds up to the zone's low watermark (≈2.4 MiB
+/// in a 256 MiB guest) and is only drained when it overflows: an idle guest keeps that
+/// much freed memory the host never gets back. `vm.percpu_pagelist_high_fraction` bounds
+/// the lists by a fraction of the zone instead; the kernel's floor (4 batches, 60 pages
+/// = 240 KiB here) is what remains.
 fn report_free_pages() -> Result<(), String> {
+    const PCP_FRACTION: &str = "/proc/sys/vm/percpu_pagelist_high_fraction";
     const PARAM: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
     if !Path::new(PARAM).exists() {
         return Ok(()); // no balloon driver or no reporting device
@@ -186,9 +191,15 @@ fn report_free_pages() -> Result<(), String> {
         })
         .transpose()?
         .unwrap_or(5);
-    std::fs::write(PARAM, order.to_string()).map_err(|e| format!("{PARAM}: {e}"))
+    std::fs::write(PARAM, order.to_string()).map_err(|e| format!("{PARAM}: {e}"))?;
+    // Any fraction large enough that the floor applies (the zone's pages / fraction
+    // below 60 pages for guests up to 1 TiB).
+    std::fs::write(PCP_FRACTION, "4194304").map_err(|e| format!("{PCP_FRACTION}: {e}"))
 }
 
+/// Makes the guest's root a mount with a parent and re-executes /init there.
+///
+/// The initramfs is the kernel's `rootfs`, a mount without a parent, on which
 /// pivot_root(2) fails (EINVAL): containers could then only be chroot-ed (runc's
 /// `--no-pivot`), which a process with CAP_SYS_CHROOT can escape. A bind mount of `/`
 /// moved over `/` has a parent, so the container runtime pivots as on the host — and
@@ -246,6 +257,46 @@ fn leave_initramfs() -> Result<(), String> {
     Err(format!("re-executing /init: {err}"))
 }
 
+/// Serves the shim API in this process (the server refuses ServeShim without a program
+/// when the shim is not built in).
+#[cfg(feature = "shim")]
+fn serve_shim(port: std::fs::File, req: &isola_proto::guest::ServeShimRequest) {
+    if let Err(e) = crate::shim::serve(port, req) {
+        console(&format!("shim: {e:#}"));
+    }
+}
+
+#[cfg(not(feature = "shim"))]
+fn serve_shim(_port: std::fs::File, _req: &isola_proto::guest::ServeShimRequest) {
+    console("shim: not built in");
+}
+
+/// The entry point of the guest shim program, executed by /init in its place
+/// ([`crate::handoff`]) with the arguments after `serve-shim`: serves the shim API on the
+/// channel it was handed, then powers off as /init would have. Never returns.
+#[cfg(feature = "shim")]
+pub fn run_handed_off(args: &[String]) -> ! {
+    if std::process::id() == 1 {
+        // /init (isola-guest-init, in the initramfs's tmpfs) has handed over and will not
+        // run again: its ~1.4 MiB are guest memory. Our own binary is elsewhere (the
+        // virtio-fs share), which /proc/self/exe tells.
+        let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+        if exe != Path::new("/init") {
+            if let Err(e) = std::fs::remove_file("/init") {
+                console(&format!("removing /init: {e}"));
+            }
+        }
+    }
+    match crate::handoff::from_args(args) {
+        Ok((port, req)) => serve_shim(port, &req),
+        Err(e) => console(&e),
+    }
+    if std::process::id() == 1 {
+        power_off();
+    }
+    std::process::exit(1)
+}
+
 /// The entry point of /init: never returns.
 pub fn run() -> ! {
     let start = Stamp::now();
@@ -290,11 +341,11 @@ pub fn run() -> ! {
     };
     match Server::new(boot).serve(port) {
         Ok(Ended::PowerOff) => {}
-        Ok(Ended::ServeShim(port, req)) => {
-            if let Err(e) = crate::shim::serve(port, &req) {
-                console(&format!("shim: {e:#}"));
-            }
+        Ok(Ended::ServeShim(port, req, Some(program))) => {
+            let e = crate::handoff::exec(program, port, &req);
+            console(&format!("executing the guest shim {}: {e}", req.program));
         }
+        Ok(Ended::ServeShim(port, req, None)) => serve_shim(port, &req),
         Err(e) => console(&format!("agent: {e}")),
     }
     if pid1 {

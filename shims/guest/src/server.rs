@@ -40,7 +40,7 @@ pub enum ServeError {
 enum Next {
     Continue,
     PowerOff,
-    ServeShim(ServeShimRequest),
+    ServeShim(ServeShimRequest, Option<File>),
 }
 
 /// How the framed conversation ended.
@@ -48,8 +48,9 @@ enum Next {
 pub enum Ended {
     /// The host asked for a power-off.
     PowerOff,
-    /// The host asked for the shim API on the same port (see `ServeShimRequest`).
-    ServeShim(File, ServeShimRequest),
+    /// The host asked for the shim API on the same port (see `ServeShimRequest`), served
+    /// by the program opened here (its `program`), or by this binary itself if none.
+    ServeShim(File, ServeShimRequest, Option<File>),
 }
 
 /// The guest API server.
@@ -97,7 +98,7 @@ impl Server {
             match next {
                 Next::Continue => {}
                 Next::PowerOff => return Ok(Ended::PowerOff),
-                Next::ServeShim(r) => return Ok(Ended::ServeShim(port, r)),
+                Next::ServeShim(r, program) => return Ok(Ended::ServeShim(port, r, program)),
             }
         }
     }
@@ -113,11 +114,24 @@ impl Server {
                 return (resp, Next::PowerOff);
             }
             request::Kind::ServeShim(r) => {
+                let program = if r.program.is_empty() {
+                    if !cfg!(feature = "shim") {
+                        let msg = "this isola-guest was built without its shim: \
+                                   ServeShim needs a program";
+                        return (error_response(id, msg.into()), Next::Continue);
+                    }
+                    None
+                } else {
+                    match crate::handoff::open_program(&r.program) {
+                        Ok(f) => Some(f),
+                        Err(e) => return (error_response(id, e), Next::Continue),
+                    }
+                };
                 let resp = Response {
                     id,
                     kind: Some(response::Kind::ServeShim(ServeShimResponse {})),
                 };
-                return (resp, Next::ServeShim(r));
+                return (resp, Next::ServeShim(r, program));
             }
             request::Kind::Exec(r) => exec(r).map(response::Kind::Exec),
             request::Kind::Mount(r) => mount(r).map(response::Kind::Mount),

@@ -18,3 +18,11 @@ pub fn guest_initramfs() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR).join("initramfs.cpio"))
 }
+
+/// The guest agent with the shim built in, which the initramfs's /init executes from the
+/// pod's virtio-fs share: `$ISOLA_GUEST_AGENT`, else the installed one.
+pub fn guest_agent() -> PathBuf {
+    std::env::var_os("ISOLA_GUEST_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR).join("isola-guest"))
+}

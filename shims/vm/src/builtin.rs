@@ -99,12 +99,7 @@ impl BuiltinVm {
 
     /// The guest's command line: as the QEMU backend's under KVM (no TSC hint needed).
     pub fn kernel_cmdline(&self) -> String {
-        let mut cmdline = String::from("console=ttyS0 quiet reboot=t panic=-1");
-        if !self.config.extra_cmdline.is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(&self.config.extra_cmdline);
-        }
-        cmdline
+        crate::hypervisor::kernel_cmdline(&[], &self.config.extra_cmdline)
     }
 
     /// `isola-vmm`'s arguments.
@@ -461,7 +456,7 @@ mod tests {
             args.contains(&format!("--fs share={}", dir.path().display())),
             "{args}"
         );
-        assert!(args.contains("panic=-1 isola.debug=1"), "{args}");
+        assert!(args.contains("percpu_alloc=page isola.debug=1"), "{args}");
         let missing = vm.add_device(Device::Block {
             path: dir.path().join("nope"),
             read_only: false,

@@ -107,7 +107,7 @@ pub enum VmError {
     /// A guest asset (kernel, initramfs) is missing; nothing was started.
     #[error("guest {what} not found at {path}: build it with deploy/guest/build-assets.sh")]
     MissingAsset {
-        /// "kernel" or "initramfs".
+        /// "kernel", "initramfs" or "agent".
         what: &'static str,
         /// Where it was looked for.
         path: PathBuf,
@@ -179,6 +179,34 @@ impl VmError {
 
 // What both backends (QEMU and isola-vmm, each a child process of the shim) check and do
 // the same way.
+
+/// The start of every guest's kernel command line, whichever the VMM.
+///
+/// - `reboot=t` (+ QEMU's `-no-reboot`, isola-vmm's exit on reset): a guest reset (our
+///   poweroff, or `panic=-1`) ends the VMM.
+/// - `percpu_alloc=page`: the default "embed" first chunk has 2 MiB units, and each
+///   further percpu chunk of that size brings a 4 MiB array for memcg kmem accounting
+///   (one `obj_cgroup` pointer per 4 bytes of unit: 512 Ki × 8 B, vmalloc'ed by
+///   `pcpu_create_chunk`; seen in /proc/vmallocinfo): one such chunk is made in every
+///   guest. Page-sized units shrink it to ~300 KiB: −4.1 MiB of host memory per idle vm
+///   pod (tests/bench/compare.sh, docs/benchmarks.md).
+pub(crate) const BASE_CMDLINE: &[&str] = &[
+    "console=ttyS0",
+    "quiet",
+    "reboot=t",
+    "panic=-1",
+    "percpu_alloc=page",
+];
+
+/// `words` after [`BASE_CMDLINE`], then the class's `extra`, as one command line.
+pub(crate) fn kernel_cmdline(words: &[&str], extra: &str) -> String {
+    let mut all: Vec<&str> = BASE_CMDLINE.to_vec();
+    all.extend_from_slice(words);
+    if !extra.trim().is_empty() {
+        all.push(extra.trim());
+    }
+    all.join(" ")
+}
 
 /// How long one guest agent call may take.
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -271,4 +299,22 @@ pub trait Hypervisor: Send {
     fn wait(&mut self, timeout: Option<Duration>) -> Result<VmExit, VmError>;
     /// Ends the VM now (asking the VMM to quit, killing it after `grace`).
     fn stop(&mut self, grace: Duration) -> Result<VmExit, VmError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_cmdline_is_the_base_then_the_backends_words_then_the_class() {
+        assert_eq!(
+            kernel_cmdline(&["virtio_mmio.max_queue_size=128"], " isola.debug=1 "),
+            "console=ttyS0 quiet reboot=t panic=-1 percpu_alloc=page \
+             virtio_mmio.max_queue_size=128 isola.debug=1"
+        );
+        assert_eq!(
+            kernel_cmdline(&[], ""),
+            "console=ttyS0 quiet reboot=t panic=-1 percpu_alloc=page"
+        );
+    }
 }

@@ -88,8 +88,7 @@ impl QemuVm {
 
     /// The kernel command line QEMU passes (before its own `virtio_mmio.device=` words).
     pub fn kernel_cmdline(&self) -> String {
-        // reboot=t + -no-reboot: a guest reset (our poweroff, or panic=-1) ends QEMU.
-        let mut words = vec!["console=ttyS0", "quiet", "reboot=t", "panic=-1"];
+        let mut words = Vec::new();
         // QEMU's virtio-mmio offers 1024-entry queues, and virtio-console fills each
         // receive queue with a 4 KiB buffer per entry (8 MiB of guest memory for the
         // control queue and the agent port); the guest kernel's virtio_mmio caps the size
@@ -101,12 +100,7 @@ impl QemuVm {
             // Without it the TCG guest hangs at "tsc: Marking TSC unstable".
             words.push("tsc_early_khz=2000000");
         }
-        let mut cmdline = words.join(" ");
-        if !self.config.extra_cmdline.is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(&self.config.extra_cmdline);
-        }
-        cmdline
+        crate::hypervisor::kernel_cmdline(&words, &self.config.extra_cmdline)
     }
 
     /// QEMU's arguments, with `fs_sockets[i]` for the i-th virtio-fs device.

@@ -58,6 +58,40 @@ fn boots_to_agent_hello_and_powers_off() {
         })
         .expect_err("no such program");
     assert!(err.to_string().contains("/nonexistent"), "{err}");
+    // ServeShim's program (what /init hands the channel to) must be an executable file in
+    // the guest: otherwise an error answer naming it, and the channel stays on the
+    // framed API.
+    for (program, why) in [
+        ("/nonexistent/isola-guest", "No such file"),
+        ("/proc/version", "not executable"),
+        ("/sys", "not a regular file"),
+    ] {
+        let err = vm
+            .agent()
+            .unwrap()
+            .serve_shim(isola_proto::guest::ServeShimRequest {
+                sandbox_id: "boot-test".into(),
+                program: program.into(),
+                ..Default::default()
+            })
+            .expect_err(program);
+        let msg = err.to_string();
+        assert!(
+            msg.contains(program) && msg.contains(why),
+            "{program}: {msg}"
+        );
+    }
+    // This /init has no shim of its own: ServeShim without a program is refused too.
+    let err = vm
+        .agent()
+        .unwrap()
+        .serve_shim(isola_proto::guest::ServeShimRequest {
+            sandbox_id: "boot-test".into(),
+            ..Default::default()
+        })
+        .expect_err("no program");
+    assert!(err.to_string().contains("needs a program"), "{err}");
+    vm.agent().unwrap().hello().expect("still the framed API");
     let console = std::fs::read_to_string(vm.console_log_path()).unwrap();
     assert!(
         console.lines().count() < 20,

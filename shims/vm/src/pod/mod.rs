@@ -279,6 +279,17 @@ impl VmShim {
             .map_err(|e: crate::select::SelectError| Status::invalid_argument(e.to_string()))?;
         let selection = select(choice, HostVirt::detect())
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // The guest agent /init hands the shim API to (VmSettings::agent).
+        let agent = settings.agent.clone();
+        if !agent.as_os_str().is_empty() && !agent.is_file() {
+            let e = crate::VmError::MissingAsset {
+                what: "agent",
+                path: agent,
+            };
+            return Err(Status::failed_precondition(format!(
+                "booting the pod's VM: {e}"
+            )));
+        }
         let (vcpus, memory_mib) = vm_size(&settings, &config);
         *lock(&self.inner.grace) = Duration::from_secs(settings.shutdown_grace_seconds.max(1));
         let state_dir = if req.state_dir.is_empty() {
@@ -295,6 +306,14 @@ impl VmShim {
         .map_err(|e| Status::internal(e.to_string()))?;
         let share = Arc::new(share);
         *lock(&self.inner.share) = Some(share.clone());
+        let program = if agent.as_os_str().is_empty() {
+            String::new()
+        } else {
+            let s = share.clone();
+            blocking(move || s.bind_agent(&agent))
+                .await?
+                .map_err(|e| Status::internal(e.to_string()))?
+        };
 
         let netns = req.netns_path.clone();
         let network = if netns.is_empty() {
@@ -339,6 +358,7 @@ impl VmShim {
                 sandbox_id: req.sandbox_id.clone(),
                 log_path: format!("{}/{GUEST_LOG}", share::GUEST_SHARE),
                 log_filter: std::env::var("ISOLA_GUEST_LOG").unwrap_or_else(|_| "info".into()),
+                program,
             },
         };
         let booted = self.inner.vm.boot(plan).await.map_err(|e| match e {

@@ -20,6 +20,11 @@ pub struct VmSettings {
     pub kernel: PathBuf,
     /// Guest initramfs with isola-guest as /init.
     pub initramfs: PathBuf,
+    /// The guest agent with its shim (a static isola-guest built with the `shim`
+    /// feature), bind-mounted read-only into the pod's virtio-fs share; /init executes it
+    /// there when the pod's shim API starts, so the guest holds only the pages it runs.
+    /// Empty: the initramfs's /init must serve the shim API itself (a full isola-guest).
+    pub agent: PathBuf,
     /// Extra kernel command line.
     pub kernel_params: String,
     /// QEMU binary (for the qemu backend).
@@ -44,6 +49,7 @@ impl Default for VmSettings {
             memory_mib: 256,
             kernel: crate::assets::guest_kernel(),
             initramfs: crate::assets::guest_initramfs(),
+            agent: crate::assets::guest_agent(),
             kernel_params: String::new(),
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: crate::virtiofsd::default_binary(),

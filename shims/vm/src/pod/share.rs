@@ -14,6 +14,9 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 pub const GUEST_SHARE: &str = "/run/isola/shared";
 /// The virtio-fs tag of the share.
 pub const SHARE_TAG: &str = "isola";
+/// The guest agent's name at the top of the share (container ids are 64 hex characters,
+/// under `c/`).
+const AGENT_NAME: &str = "isola-guest";
 
 /// Errors of the share.
 #[derive(Debug, thiserror::Error)]
@@ -114,33 +117,24 @@ impl Share {
         std::fs::create_dir_all(&dir)
             .map_err(|e| host_err(format!("creating {}", dir.display()), e))?;
         let target = dir.join(name);
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)
-        } else {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&target)
-                .map(|_| ())
+        bind_at(source, meta.is_dir(), &target, readonly)?;
+        Ok(self.guest_path(&target))
+    }
+
+    /// Bind-mounts the guest agent (a host file) read-only at the top of the share;
+    /// returns its path in the guest.
+    pub fn bind_agent(&self, source: &Path) -> Result<String, ShareError> {
+        let meta = std::fs::metadata(source)
+            .map_err(|e| ShareError::Invalid(format!("guest agent {}: {e}", source.display())))?;
+        if !meta.is_file() {
+            return Err(ShareError::Invalid(format!(
+                "guest agent {}: not a file",
+                source.display()
+            )));
         }
-        .map_err(|e| host_err(format!("creating {}", target.display()), e))?;
-        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REC;
-        mount(Some(source), &target, None::<&str>, flags, None::<&str>).map_err(|e| {
-            host_err(
-                format!("bind-mounting {} at {}", source.display(), target.display()),
-                e,
-            )
-        })?;
-        if readonly {
-            flags |= MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            if let Err(e) = mount(None::<&str>, &target, None::<&str>, flags, None::<&str>) {
-                let _ = umount2(&target, MntFlags::MNT_DETACH);
-                return Err(host_err(
-                    format!("remounting {} read-only", target.display()),
-                    e,
-                ));
-            }
+        let target = self.host.join(AGENT_NAME);
+        if !isola_container::mounts::is_mount_point(&target) {
+            bind_at(source, false, &target, true)?;
         }
         Ok(self.guest_path(&target))
     }
@@ -165,6 +159,40 @@ impl Share {
             Err(e) => Err(host_err(format!("removing {}", self.host.display()), e)),
         }
     }
+}
+
+/// Bind-mounts `source` (a directory if `is_dir`, else a file) at `target`, creating the
+/// target; read-only if asked (undone if the remount fails).
+fn bind_at(source: &Path, is_dir: bool, target: &Path, readonly: bool) -> Result<(), ShareError> {
+    if is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map(|_| ())
+    }
+    .map_err(|e| host_err(format!("creating {}", target.display()), e))?;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REC;
+    mount(Some(source), target, None::<&str>, flags, None::<&str>).map_err(|e| {
+        host_err(
+            format!("bind-mounting {} at {}", source.display(), target.display()),
+            e,
+        )
+    })?;
+    if readonly {
+        flags |= MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+            return Err(host_err(
+                format!("remounting {} read-only", target.display()),
+                e,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Unmounts every mount at or below `dir`, deepest first.
