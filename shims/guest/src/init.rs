@@ -167,9 +167,11 @@ const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
 /// blocks of 2^order pages so the host can take them back. Linux 6.1's driver fixes the
 /// order at pageblock_order (4 MiB without hugetlbfs) and overwrites a command-line
 /// value; blocks that large are rare once the guest has run for a while, so the order is
-/// set here, after the driver registered: `isola.page_reporting_order=N` (default 5,
-/// 128 KiB blocks: an idle pod gave back as much as with single pages, measured with
-/// tests/bench/compare.sh; reports run 2 s after frees, batched).
+/// set here, after the driver registered: `isola.page_reporting_order=N` (default 0,
+/// every free page; reports run 2 s after frees, batched). The kernel's reason for large
+/// blocks, not splitting the host's transparent huge pages, does not apply to guest RAM
+/// in a memfd without THP; what a small order costs is a host page fault when the guest
+/// reuses a reported page.
 ///
 /// Only pages back in the buddy allocator are reported, and a freed page goes first to
 /// its CPU's page list, which by default holds up to the zone's low watermark (≈2.4 MiB
@@ -177,6 +179,11 @@ const SWITCHED_ENV: &str = "ISOLA_GUEST_SWITCHED_ROOT";
 /// much freed memory the host never gets back. `vm.percpu_pagelist_high_fraction` bounds
 /// the lists by a fraction of the zone instead; the kernel's floor (4 batches, 60 pages
 /// = 240 KiB here) is what remains.
+///
+/// Measured with tests/bench/compare.sh, 5 idle pods (docs/benchmarks.md): order 5 →
+/// 69.0 MiB per pod, order 3 → 68.0, order 0 → 66.9; order 0 without the bounded lists
+/// gave back only 0.3 MiB (the page cache the guest shim drops comes back in 16-64 KiB
+/// pieces, and the last ones stay on the CPU's list).
 fn report_free_pages() -> Result<(), String> {
     const PCP_FRACTION: &str = "/proc/sys/vm/percpu_pagelist_high_fraction";
     const PARAM: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
@@ -190,7 +197,7 @@ fn report_free_pages() -> Result<(), String> {
                 .map_err(|_| format!("isola.page_reporting_order={v}: not a number"))
         })
         .transpose()?
-        .unwrap_or(5);
+        .unwrap_or(0);
     std::fs::write(PARAM, order.to_string()).map_err(|e| format!("{PARAM}: {e}"))?;
     // Any fraction large enough that the floor applies (the zone's pages / fraction
     // below 60 pages for guests up to 1 TiB).
