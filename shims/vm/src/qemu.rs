@@ -117,7 +117,7 @@ impl QemuVm {
             match self.accel() {
                 Accel::Kvm => "kvm".into(),
                 // TCG's translation cache grows to 1 GiB by default, and every MiB of
-                // it is host memory: capped by the class (16 MiB by default).
+                // it is host memory: capped by the class (12 MiB by default).
                 Accel::Tcg => format!("tcg,tb-size={}", self.config.tcg_tb_mib.max(1)),
             },
         ];

@@ -54,7 +54,7 @@ impl Default for VmSettings {
             qemu_binary: "qemu-system-x86_64".into(),
             virtiofsd_binary: crate::virtiofsd::default_binary(),
             shutdown_grace_seconds: 5,
-            tcg_tb_mib: 16,
+            tcg_tb_mib: 12,
             free_page_reporting: true,
         }
     }
