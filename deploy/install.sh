@@ -7,7 +7,7 @@
 #   runtime classes embedded; overrides in /etc/isola/runtime-classes/*.toml
 #   RuntimeClass manifests  /usr/share/isola/runtime-classes/*.yaml (kubectl apply -f)
 #   pod network     /etc/cni/net.d/10-isola.conflist (only if no CNI config exists)
-#   guest assets    /usr/share/isola/guest (kernel, initramfs; built, cached by inputs)
+#   guest assets    /usr/share/isola/guest (kernel, initramfs, guest agent; built, cached by inputs)
 #   service         systemd unit isolad.service where systemd runs; else a daemon
 #                   started here, logging to /var/log/isolad.log
 set -euo pipefail
