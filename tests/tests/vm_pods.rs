@@ -34,6 +34,16 @@ async fn sh_out(rt: &mut Runtime, id: &str, script: &str) -> String {
     String::from_utf8_lossy(&r.stdout).trim().to_string()
 }
 
+/// After refused RunPodSandbox calls: nothing was recorded.
+async fn assert_no_pods(rt: &mut Runtime) {
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(pods.items.is_empty(), "a refused pod was recorded");
+}
+
 /// The VMM's host pid from the pod's details.
 fn vmm_pid(d: &serde_json::Value) -> i32 {
     d["vmmPid"]
@@ -301,12 +311,7 @@ async fn a_vm_class_whose_guest_agent_is_missing_is_refused_cleanly() {
         "{}",
         err.message()
     );
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(pods.items.is_empty(), "a refused pod was recorded");
+    assert_no_pods(&mut rt).await;
     w.agent.assert_no_leaks();
 }
 
@@ -344,12 +349,7 @@ async fn host_namespaces_and_devices_are_refused_and_volumes_cross_into_the_vm()
         assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
         assert!(err.message().contains(what), "{}", err.message());
     }
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(pods.items.is_empty(), "a refused pod was recorded");
+    assert_no_pods(&mut rt).await;
 
     let pc = w.pod("vol");
     let pod = run_pod(&mut rt, pc.clone(), "vm").await.expect("vm pod");
