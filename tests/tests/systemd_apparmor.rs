@@ -234,14 +234,11 @@ fn cgroup_of(pid: u32) -> String {
 #[tokio::test]
 #[ignore = "runs inside the L1 rig: systemd_cgroups_and_apparmor_in_l1"]
 async fn l1_systemd_driver() {
-    in_l1();
-    let started = std::time::Instant::now();
-    let w = World::start_lean("cgroup_driver = \"systemd\"").await;
-    eprintln!("L1: agent and image ready after {:?}", started.elapsed());
+    let (w, progress) = l1_world("cgroup_driver = \"systemd\"").await;
     containers_in_scopes_of_the_pod_slice(&w).await;
-    eprintln!("L1: kubelet's slice done after {:?}", started.elapsed());
+    progress.done("kubelet's slice");
     without_a_kubelet_slice_and_bad_parents(&w).await;
-    eprintln!("L1: systemd driver done after {:?}", started.elapsed());
+    progress.done("systemd driver");
 }
 
 /// kubelet --cgroup-driver=cgroupfs on the unified hierarchy, and AppArmor (one agent
@@ -249,14 +246,48 @@ async fn l1_systemd_driver() {
 #[tokio::test]
 #[ignore = "runs inside the L1 rig: systemd_cgroups_and_apparmor_in_l1"]
 async fn l1_cgroupfs_driver_and_apparmor() {
-    in_l1();
-    let started = std::time::Instant::now();
-    let w = World::start_lean("").await;
-    eprintln!("L1: agent and image ready after {:?}", started.elapsed());
+    let (w, progress) = l1_world("").await;
     cgroupfs_driver_on_cgroup_v2(&w).await;
-    eprintln!("L1: cgroupfs driver done after {:?}", started.elapsed());
+    progress.done("cgroupfs driver");
     apparmor_profiles_are_enforced(&w).await;
-    eprintln!("L1: AppArmor done after {:?}", started.elapsed());
+    progress.done("AppArmor");
+}
+
+/// ContainerStats of a running container show memory and CPU within 10 s.
+async fn assert_stats_arrive(rt: &mut isola_tests::Runtime, id: &str) {
+    let arrived = eventually(Duration::from_secs(10), || {
+        let mut rt = rt.clone();
+        let id = id.to_string();
+        async move {
+            let s = stats_of(&mut rt, &id).await;
+            working_set(&s) > 0 && cpu(&s) > 0
+        }
+    })
+    .await;
+    assert!(
+        arrived,
+        "ContainerStats stays empty: {:?}",
+        stats_of(rt, id).await
+    );
+}
+
+/// Time since an L1 test started, printed after each part (the rig shows it: under TCG
+/// the parts take tens of seconds each).
+struct Progress(std::time::Instant);
+
+impl Progress {
+    fn done(&self, what: &str) {
+        eprintln!("L1: {what} done after {:?}", self.0.elapsed());
+    }
+}
+
+/// Inside L1: an agent with `config` and the test image.
+async fn l1_world(config: &str) -> (World, Progress) {
+    in_l1();
+    let progress = Progress(std::time::Instant::now());
+    let w = World::start_lean(config).await;
+    progress.done("agent and image");
+    (w, progress)
 }
 
 async fn containers_in_scopes_of_the_pod_slice(w: &World) {
@@ -331,19 +362,7 @@ async fn containers_in_scopes_of_the_pod_slice(w: &World) {
     assert!(out.contains(&(64u64 << 20).to_string()), "{out}");
 
     // Stats from the scope's cgroup.
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let mut rt = rt.clone();
-            let id = id.clone();
-            async move {
-                let s = stats_of(&mut rt, &id).await;
-                working_set(&s) > 0 && cpu(&s) > 0
-            }
-        })
-        .await,
-        "ContainerStats stays empty: {:?}",
-        stats_of(&mut rt, &id).await
-    );
+    assert_stats_arrive(&mut rt, &id).await;
     let ps = rt
         .pod_sandbox_stats(cri::PodSandboxStatsRequest {
             pod_sandbox_id: pod.clone(),
@@ -543,18 +562,7 @@ async fn cgroupfs_driver_on_cgroup_v2(w: &World) {
     let cgroup = format!("{parent}/{id}");
     assert_eq!(cg_file(&cgroup, "memory.max"), (64u64 << 20).to_string());
     assert_eq!(cg_file(&cgroup, "cpu.max"), "50000 100000");
-    assert!(
-        eventually(Duration::from_secs(10), || {
-            let mut rt = rt.clone();
-            let id = id.clone();
-            async move {
-                let s = stats_of(&mut rt, &id).await;
-                working_set(&s) > 0 && cpu(&s) > 0
-            }
-        })
-        .await,
-        "ContainerStats stays empty"
-    );
+    assert_stats_arrive(&mut rt, &id).await;
     rt.update_container_resources(cri::UpdateContainerResourcesRequest {
         container_id: id.clone(),
         linux: Some(cri::LinuxContainerResources {

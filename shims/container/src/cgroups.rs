@@ -357,6 +357,25 @@ pub fn enter(path: &str, pid: i32) -> Vec<String> {
     failures
 }
 
+/// On cgroup v2, the OOM kill count of the cgroup's parent and whether the cgroup itself
+/// still exists. `memory.events` counts hierarchically, so a parent's count that grew
+/// over a child's life tells of an OOM kill below it, when the child's own file went
+/// with its cgroup before it could be read (systemd removes an empty scope at once).
+/// None on v1 or when the parent cannot be read.
+pub fn parent_oom_kills(path: &str) -> Option<(u64, bool)> {
+    if !is_v2() {
+        return None;
+    }
+    let dir = Path::new(ROOT).join(rel(path));
+    let events = dir.parent()?.join("memory.events");
+    let text = std::fs::read_to_string(events).ok()?;
+    let count = text
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())?;
+    Some((count, dir.is_dir()))
+}
+
 /// Counts the OOM kills of a cgroup v2 while it lives, from `memory.events`
 /// notifications (inotify), until `stop` is set or the cgroup is removed. Under the
 /// systemd driver the scope's cgroup is gone as soon as its last process is: reading

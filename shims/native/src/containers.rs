@@ -535,6 +535,7 @@ impl Containers {
         let events = self.events.clone();
         let stop_watch = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let oom_kills = cgroups::watch_oom_kills(&ctr.cgroups_path, stop_watch.clone());
+        let parent_ooms = cgroups::parent_oom_kills(&ctr.cgroups_path).map(|(n, _)| n);
         std::thread::Builder::new()
             .name(format!("wait-{}", &id[..12.min(id.len())]))
             .spawn(move || {
@@ -543,9 +544,19 @@ impl Containers {
                     let _ = p.join();
                 }
                 stop_watch.store(true, std::sync::atomic::Ordering::SeqCst);
-                let ooms = cgroups::usage(&waiter.cgroups_path)
+                let mut ooms = cgroups::usage(&waiter.cgroups_path)
                     .oom_kills
                     .max(oom_kills.load(std::sync::atomic::Ordering::SeqCst));
+                // The watch can lose the race with systemd removing the empty scope
+                // (seen under TCG in L1): a SIGKILL while the parent counted an OOM
+                // kill and our cgroup is gone is taken as ours.
+                if ooms == 0 && exit.signal == Some(libc::SIGKILL) {
+                    if let (Some(before), Some((after, false))) =
+                        (parent_ooms, cgroups::parent_oom_kills(&waiter.cgroups_path))
+                    {
+                        ooms = after.saturating_sub(before);
+                    }
+                }
                 let reason = if ooms > 0 {
                     "OOMKilled"
                 } else if exit.code == 0 {
